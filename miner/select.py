@@ -1,0 +1,431 @@
+"""Positive-aware selection of negatives: ceilings, exclusions, rank window, sampling.
+
+Everything here is a function over arrays for one batch of queries, so the same code runs in a training
+loop, the batch CLI, or a worker that holds one shard of queries.
+
+For query q with positives P (grade > 0) and reference score ``s = min(sim(q, p) for p in P)``:
+
+* ceiling ``= min(max_score, s - absolute_margin, s - relative_margin * |s|)`` (sign-aware);
+* excluded: every positive, the query's own document (same id or same normalised text), documents whose
+  normalised text equals a positive's, near-duplicates of a positive (``sim(doc, p) >= dup_threshold``);
+* judged non-relevant documents (grade 0) stay valid, and ``prefer_judged`` takes them first;
+* ranks count valid candidates (0 = hardest); negatives come from ranks ``[range_min, range_max)`` by
+  ``top``, ``random`` (seeded per query id) or ``spread`` sampling.
+
+Every skipped candidate is counted by reason: an excluded document is counted when it scored at least as
+high as the last valid candidate of the pool (it took a place a negative would have had); documents above
+the ceiling are all counted.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from miner.config import SelectConfig
+from miner.search import Index
+
+__all__ = [
+    "REASONS",
+    "Negatives",
+    "Summary",
+    "SelectionStats",
+    "DuplicateFinder",
+    "reference_scores",
+    "ceilings",
+    "build_exclusions",
+    "select_negatives",
+    "mine_batch",
+]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+# Exclusion reasons in priority order: a document excluded for several reasons counts under the first.
+REASONS: tuple[str, ...] = ("positive", "own_document", "duplicate_text", "near_duplicate")
+SKIP_REASONS: tuple[str, ...] = (*REASONS, "above_ceiling")
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """Chosen negatives of a batch of queries, ``-1``/``nan`` padded to ``num_negatives`` columns.
+
+    ``ranks`` are positions among valid candidates (0 = hardest); a judged negative taken by
+    ``prefer_judged`` from outside the candidate pool has rank ``-1``.
+    """
+
+    ids: I64  # int64[q, n]
+    scores: F32  # float32[q, n]
+    ranks: npt.NDArray[np.int32]  # int32[q, n]
+    reference: F32  # float32[q]: min positive score
+    ceiling: F32  # float32[q]
+    positive_scores: F32  # float32[nnz]: score of each positive, aligned with the positives' CSR
+
+    def counts(self) -> npt.NDArray[np.int64]:
+        return (self.ids >= 0).sum(axis=1)
+
+
+@dataclass
+class Summary:
+    """Running count / mean / std / min / max of a stream of numbers."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    lo: float = float("inf")
+    hi: float = float("-inf")
+
+    def add(self, values: npt.ArrayLike) -> None:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        v = v[np.isfinite(v)]
+        if len(v):
+            self.n += len(v)
+            self.total += float(v.sum())
+            self.total_sq += float((v * v).sum())
+            self.lo = min(self.lo, float(v.min()))
+            self.hi = max(self.hi, float(v.max()))
+
+    def merge(self, other: Summary) -> None:
+        self.n += other.n
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.lo = min(self.lo, other.lo)
+        self.hi = max(self.hi, other.hi)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        if not self.n:
+            return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+        mean = self.total / self.n
+        var = max(self.total_sq / self.n - mean * mean, 0.0)
+        return {
+            "count": self.n,
+            "mean": round(mean, 6),
+            "std": round(var**0.5, 6),
+            "min": round(self.lo, 6),
+            "max": round(self.hi, 6),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float | int | None]) -> Summary:
+        n = int(data.get("count") or 0)
+        if not n:
+            return cls()
+        mean, std = float(data["mean"]), float(data["std"])  # type: ignore[arg-type]
+        return cls(n, mean * n, (std * std + mean * mean) * n, float(data["min"]), float(data["max"]))  # type: ignore[arg-type]
+
+
+@dataclass
+class SelectionStats:
+    """Counts and score statistics of a run, mergeable across batches and parts."""
+
+    queries: int = 0
+    negatives: int = 0
+    short_queries: int = 0  # fewer negatives than asked for
+    empty_queries: int = 0  # no negative at all
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    positive_scores: Summary = field(default_factory=Summary)
+    negative_scores: Summary = field(default_factory=Summary)
+    margin: Summary = field(default_factory=Summary)  # reference (min positive) score - negative score
+
+    def merge(self, other: SelectionStats) -> None:
+        self.queries += other.queries
+        self.negatives += other.negatives
+        self.short_queries += other.short_queries
+        self.empty_queries += other.empty_queries
+        for reason, count in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.positive_scores.merge(other.positive_scores)
+        self.negative_scores.merge(other.negative_scores)
+        self.margin.merge(other.margin)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "queries": self.queries,
+            "negatives": self.negatives,
+            "short_queries": self.short_queries,
+            "empty_queries": self.empty_queries,
+            "skipped": dict(self.skipped),
+            "scores": {
+                "positive": self.positive_scores.to_dict(),
+                "negative": self.negative_scores.to_dict(),
+                "positive_minus_negative": self.margin.to_dict(),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SelectionStats:
+        scores = data["scores"]
+        assert isinstance(scores, dict)
+        return cls(
+            int(data["queries"]),  # type: ignore[arg-type]
+            int(data["negatives"]),  # type: ignore[arg-type]
+            int(data["short_queries"]),  # type: ignore[arg-type]
+            int(data["empty_queries"]),  # type: ignore[arg-type]
+            dict(data["skipped"]),  # type: ignore[arg-type]
+            Summary.from_dict(scores["positive"]),
+            Summary.from_dict(scores["negative"]),
+            Summary.from_dict(scores["positive_minus_negative"]),
+        )
+
+
+def _row_dots(q_emb: F32, rows: I64, docs: F32, cols: I64) -> F32:
+    """float32[m]: q_emb[rows[j]] . docs[cols[j]] for each pair j."""
+    if len(cols) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.einsum("ij,ij->i", q_emb[rows], docs[cols]).astype(np.float32, copy=False)
+
+
+def reference_scores(q_emb: F32, docs: F32, pos_indptr: I64, pos_ids: I64) -> tuple[F32, F32]:
+    """Score of every positive and each query's minimum positive score.
+
+    Returns:
+        ``(pos_scores float32[nnz], reference float32[q])``; a query without positives gets ``+inf``.
+    """
+    counts = np.diff(pos_indptr)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    pos_scores = _row_dots(q_emb, rows, docs, pos_ids)
+    reference = np.full(len(counts), np.inf, dtype=np.float32)
+    has = counts > 0
+    if has.any():
+        reference[has] = np.minimum.reduceat(pos_scores, pos_indptr[:-1][has])
+    return pos_scores, reference
+
+
+def ceilings(reference: F32, config: SelectConfig) -> F32:
+    """Per-query ceiling ``min(max_score, s - absolute_margin, s - relative_margin * |s|)``; +inf = none."""
+    ceiling = np.full(reference.shape, np.inf, dtype=np.float32)
+    finite = np.isfinite(reference)
+    s = reference.astype(np.float64)
+    if config.max_score is not None:
+        ceiling = np.minimum(ceiling, np.float32(config.max_score))
+    if config.absolute_margin is not None:
+        ceiling = np.where(finite, np.minimum(ceiling, s - config.absolute_margin), ceiling)
+    if config.relative_margin is not None:
+        ceiling = np.where(finite, np.minimum(ceiling, s - config.relative_margin * np.abs(s)), ceiling)
+    return ceiling.astype(np.float32)
+
+
+class DuplicateFinder:
+    """Exact-text and near-duplicate lookups over one corpus.
+
+    Args:
+        text_keys: int64[N] hashes of each document's normalised text.
+        docs: float32[N, d] document embeddings.
+        index: the search index over ``docs`` (used for near-duplicates).
+        threshold: near-duplicate similarity; ``None`` disables near-duplicate search.
+        neighbours: nearest documents checked per positive.
+    """
+
+    def __init__(self, text_keys: I64, docs: F32, index: Index, threshold: float | None, neighbours: int) -> None:
+        self.order = np.argsort(text_keys, kind="stable")
+        self.sorted_keys = text_keys[self.order]
+        self.docs = docs
+        self.index = index
+        self.threshold = threshold
+        self.neighbours = neighbours
+        self._near: dict[int, I64] = {}
+
+    def same_text(self, keys: npt.ArrayLike) -> list[I64]:
+        """For each key, the documents whose normalised text has that key."""
+        keys = np.asarray(keys, dtype=np.int64)
+        lo = np.searchsorted(self.sorted_keys, keys, side="left")
+        hi = np.searchsorted(self.sorted_keys, keys, side="right")
+        return [self.order[a:b] for a, b in zip(lo, hi)]
+
+    def near(self, doc_ids: I64) -> list[I64]:
+        """For each document, the other documents with similarity >= threshold (memoised)."""
+        if self.threshold is None:
+            return [np.zeros(0, dtype=np.int64) for _ in doc_ids]
+        todo = np.unique(np.array([d for d in doc_ids if int(d) not in self._near], dtype=np.int64))
+        if len(todo):
+            k = min(self.neighbours + 1, self.index.n_docs)
+            floor = np.full(len(todo), self.threshold, dtype=np.float32)
+            found = self.index.search(np.ascontiguousarray(self.docs[todo]), k, floor=floor)
+            for doc, ids in zip(todo.tolist(), found.ids):
+                ids = ids[(ids >= 0) & (ids != doc)]
+                self._near[doc] = ids
+        return [self._near[int(d)] for d in doc_ids]
+
+
+def build_exclusions(
+    query_ids: Sequence[str],
+    query_keys: I64,
+    pos_indptr: I64,
+    pos_ids: I64,
+    *,
+    doc_index: dict[str, int],
+    doc_keys: I64,
+    duplicates: DuplicateFinder,
+    exclude_own_document: bool = True,
+) -> tuple[I64, I64, npt.NDArray[np.int8]]:
+    """Per-query excluded documents as CSR ``(indptr, ids, reason)``; ``reason`` indexes :data:`REASONS`.
+
+    Args:
+        query_ids, query_keys: ids and normalised-text keys of the batch's queries.
+        pos_indptr, pos_ids: CSR of each query's positive corpus rows.
+        doc_index: corpus id -> row (for the query's own document by id).
+        doc_keys: int64[N] normalised-text keys of the corpus.
+    """
+    own_by_text = duplicates.same_text(query_keys) if exclude_own_document else None
+    all_pos = pos_ids
+    near = dict(zip(np.unique(all_pos).tolist(), duplicates.near(np.unique(all_pos))))
+    same = dict(zip(np.unique(all_pos).tolist(), duplicates.same_text(doc_keys[np.unique(all_pos)])))
+    rows_ids: list[I64] = []
+    rows_reason: list[npt.NDArray[np.int8]] = []
+    for r, qid in enumerate(query_ids):
+        positives = pos_ids[pos_indptr[r] : pos_indptr[r + 1]]
+        parts: list[tuple[int, I64]] = [(0, positives)]
+        if exclude_own_document and own_by_text is not None:
+            own = own_by_text[r]
+            if qid in doc_index:
+                own = np.append(own, doc_index[qid])
+            parts.append((1, own))
+        pos_list = positives.tolist()
+        if pos_list:
+            parts.append((2, np.concatenate([same[p] for p in pos_list])))
+            parts.append((3, np.concatenate([near[p] for p in pos_list])))
+        ids = np.concatenate([ids for _, ids in parts]).astype(np.int64)
+        reason = np.concatenate([np.full(len(ids_), code, dtype=np.int8) for code, ids_ in parts])
+        ids, first = np.unique(ids, return_index=True)  # first occurrence = highest-priority reason
+        rows_ids.append(ids)
+        rows_reason.append(reason[first])
+    indptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in rows_ids])
+    ids_all = np.concatenate(rows_ids) if rows_ids else np.zeros(0, dtype=np.int64)
+    reasons_all = np.concatenate(rows_reason) if rows_reason else np.zeros(0, dtype=np.int8)
+    return indptr, ids_all.astype(np.int64), reasons_all
+
+
+def _query_rng(seed: int, query_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(query_id.encode("utf-8"))])
+
+
+def select_negatives(
+    pool_ids: I64,
+    pool_scores: F32,
+    query_ids: Sequence[str],
+    config: SelectConfig,
+    *,
+    judged: Sequence[tuple[I64, F32]] | None = None,
+) -> tuple[I64, F32, npt.NDArray[np.int32]]:
+    """Choose ``num_negatives`` per query from a pool of valid candidates (best first, ``-1`` padded).
+
+    Args:
+        pool_ids, pool_scores: int64[q, K] / float32[q, K] valid candidates, K >= range_max.
+        query_ids: the queries' ids (they key the per-query random streams).
+        judged: per query, ``(ids, scores)`` of judged non-relevant documents to take first
+            (``prefer_judged``), already filtered by the exclusion rules.
+
+    Returns:
+        ``(ids int64[q, n], scores float32[q, n], ranks int32[q, n])``, padded with ``-1``/``nan``/``-1``.
+    """
+    q = pool_ids.shape[0]
+    n = config.num_negatives
+    out_ids = np.full((q, n), -1, dtype=np.int64)
+    out_scores = np.full((q, n), np.nan, dtype=np.float32)
+    out_ranks = np.full((q, n), -1, dtype=np.int32)
+    valid = (pool_ids >= 0).sum(axis=1)
+    for r in range(q):
+        taken: list[tuple[int, float, int]] = []  # (id, score, rank)
+        if judged is not None:
+            j_ids, j_scores = judged[r]
+            for j in np.lexsort((j_ids, -j_scores))[:n]:
+                hit = np.flatnonzero(pool_ids[r, : valid[r]] == j_ids[j])
+                taken.append((int(j_ids[j]), float(j_scores[j]), int(hit[0]) if len(hit) else -1))
+        lo, hi = config.range_min, min(config.range_max, int(valid[r]))
+        window = np.arange(lo, hi)
+        if taken:
+            chosen = {t[0] for t in taken}
+            window = window[~np.isin(pool_ids[r, lo:hi], list(chosen))]
+        need = n - len(taken)
+        if need > 0 and len(window):
+            if len(window) <= need or config.sampling == "top":
+                picks = window[:need]
+            elif config.sampling == "random":
+                picks = np.sort(_query_rng(config.seed, query_ids[r]).choice(window, size=need, replace=False))
+            else:  # spread: evenly spaced over the window, hardest and easiest included
+                picks = window[np.round(np.linspace(0, len(window) - 1, need)).astype(np.int64)]
+            taken.extend((int(pool_ids[r, p]), float(pool_scores[r, p]), int(p)) for p in picks)
+        for c, (doc, score, rank) in enumerate(taken[:n]):
+            out_ids[r, c], out_scores[r, c], out_ranks[r, c] = doc, score, rank
+    return out_ids, out_scores, out_ranks
+
+
+def mine_batch(
+    q_emb: F32,
+    query_ids: Sequence[str],
+    query_keys: I64,
+    pos_indptr: I64,
+    pos_ids: I64,
+    *,
+    docs: F32,
+    index: Index,
+    doc_index: dict[str, int],
+    doc_keys: I64,
+    duplicates: DuplicateFinder,
+    config: SelectConfig,
+    judged_indptr: I64 | None = None,
+    judged_ids: I64 | None = None,
+) -> tuple[Negatives, SelectionStats]:
+    """Mine negatives for one batch of queries: ceilings, exclusions, fused search, selection, statistics.
+
+    Args:
+        q_emb: float32[q, d] query embeddings.
+        pos_indptr, pos_ids: CSR of positive corpus rows per query.
+        docs: float32[N, d] document embeddings; ``index`` searches them.
+        judged_indptr, judged_ids: CSR of judged non-relevant corpus rows per query (grade 0).
+    """
+    n_q = len(query_ids)
+    pos_scores, reference = reference_scores(q_emb, docs, pos_indptr, pos_ids)
+    ceiling = ceilings(reference, config)
+    ex_ptr, ex_ids, ex_reason = build_exclusions(
+        query_ids,
+        query_keys,
+        pos_indptr,
+        pos_ids,
+        doc_index=doc_index,
+        doc_keys=doc_keys,
+        duplicates=duplicates,
+        exclude_own_document=config.exclude_own_document,
+    )
+    floor = None if config.min_score is None else np.full(n_q, config.min_score, dtype=np.float32)
+    has_ceiling = bool(np.isfinite(ceiling).any())
+    pool = index.search(
+        q_emb, config.range_max, ceiling=ceiling if has_ceiling else None, floor=floor, exclude=(ex_ptr, ex_ids)
+    )
+
+    stats = SelectionStats(queries=n_q)
+    # Excluded documents that took a place in the pool: score >= the pool's last valid score.
+    ex_rows = np.repeat(np.arange(n_q), np.diff(ex_ptr))
+    ex_scores = _row_dots(q_emb, ex_rows, docs, ex_ids)
+    full = pool.ids[:, -1] >= 0
+    last = np.where(full, pool.scores[:, -1], -np.inf)
+    passed = ex_scores >= last[ex_rows]
+    if floor is not None:
+        passed &= ex_scores >= floor[ex_rows]
+    for code, reason in enumerate(REASONS):
+        stats.skipped[reason] = int(np.count_nonzero(passed & (ex_reason == code)))
+    ex_above = np.bincount(ex_rows[ex_scores > ceiling[ex_rows]], minlength=n_q)
+    stats.skipped["above_ceiling"] = int((pool.above_ceiling - ex_above).clip(min=0).sum())
+
+    judged = None
+    if config.prefer_judged and judged_indptr is not None and judged_ids is not None:
+        judged = []
+        for r in range(n_q):
+            ids = judged_ids[judged_indptr[r] : judged_indptr[r + 1]]
+            ids = ids[~np.isin(ids, ex_ids[ex_ptr[r] : ex_ptr[r + 1]])]
+            judged.append((ids, _row_dots(q_emb, np.full(len(ids), r), docs, ids)))
+    ids, scores, ranks = select_negatives(pool.ids, pool.scores, query_ids, config, judged=judged)
+
+    got = (ids >= 0).sum(axis=1)
+    stats.negatives = int(got.sum())
+    stats.short_queries = int(np.count_nonzero(got < config.num_negatives))
+    stats.empty_queries = int(np.count_nonzero(got == 0))
+    stats.positive_scores.add(pos_scores)
+    stats.negative_scores.add(scores[ids >= 0])
+    stats.margin.add((reference[:, None] - scores)[ids >= 0])
+    return Negatives(ids, scores, ranks, reference, ceiling, pos_scores), stats
