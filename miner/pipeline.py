@@ -170,7 +170,7 @@ def mine(
         lo, hi = part * batch, min((part + 1) * batch, n_q)
         if writer is not None and writer.has_part(part):
             done = writer.part_stats(part)
-            stats.merge(SelectionStats.from_dict(done["selection"]))
+            stats.merge(SelectionStats.from_state(done["selection"]))
             rows_total += int(done["rows"])
             resumed += 1
             bar.update(hi - lo)
@@ -194,7 +194,7 @@ def mine(
                 )
                 n_rows = len(next(iter(cols.values()))) if cols else 0
                 rows_total += n_rows
-                writer.write_part(part, cols, {"rows": n_rows, "selection": batch_stats.to_dict()})
+                writer.write_part(part, cols, {"rows": n_rows, "selection": batch_stats.to_state()})
         bar.update(hi - lo)
     bar.close()
 

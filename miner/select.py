@@ -19,6 +19,7 @@ the ceiling are all counted.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,14 +110,6 @@ class Summary:
             "max": round(self.hi, 6),
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, float | int | None]) -> Summary:
-        n = int(data.get("count") or 0)
-        if not n:
-            return cls()
-        mean, std = float(data["mean"]), float(data["std"])  # type: ignore[arg-type]
-        return cls(n, mean * n, (std * std + mean * mean) * n, float(data["min"]), float(data["max"]))  # type: ignore[arg-type]
-
 
 @dataclass
 class SelectionStats:
@@ -156,20 +149,15 @@ class SelectionStats:
             },
         }
 
+    def to_state(self) -> dict[str, object]:
+        """Exact, JSON-safe state (unrounded sums) for resuming; :meth:`to_dict` is the rounded report."""
+        return dataclasses.asdict(self)
+
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> SelectionStats:
-        scores = data["scores"]
-        assert isinstance(scores, dict)
-        return cls(
-            int(data["queries"]),  # type: ignore[arg-type]
-            int(data["negatives"]),  # type: ignore[arg-type]
-            int(data["short_queries"]),  # type: ignore[arg-type]
-            int(data["empty_queries"]),  # type: ignore[arg-type]
-            dict(data["skipped"]),  # type: ignore[arg-type]
-            Summary.from_dict(scores["positive"]),
-            Summary.from_dict(scores["negative"]),
-            Summary.from_dict(scores["positive_minus_negative"]),
-        )
+    def from_state(cls, state: dict[str, object]) -> SelectionStats:
+        summaries = {name: Summary(**state[name]) for name in ("positive_scores", "negative_scores", "margin")}  # type: ignore[arg-type]
+        plain = {k: v for k, v in state.items() if k not in summaries}
+        return cls(**plain, **summaries)  # type: ignore[arg-type]
 
 
 def _row_dots(q_emb: F32, rows: I64, docs: F32, cols: I64) -> F32:
@@ -199,7 +187,7 @@ def ceilings(reference: F32, config: SelectConfig) -> F32:
     """Per-query ceiling ``min(max_score, s - absolute_margin, s - relative_margin * |s|)``; +inf = none."""
     ceiling = np.full(reference.shape, np.inf, dtype=np.float32)
     finite = np.isfinite(reference)
-    s = reference.astype(np.float64)
+    s = np.where(finite, reference, 0.0).astype(np.float64)  # queries without positives get no margin
     if config.max_score is not None:
         ceiling = np.minimum(ceiling, np.float32(config.max_score))
     if config.absolute_margin is not None:
