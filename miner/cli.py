@@ -215,7 +215,30 @@ def _run_mine(args: argparse.Namespace, argv: Sequence[str], *, data: Path, spli
     result = mine(dataset, out, config, progress=not args.quiet, command=["miner", *argv])
     if not args.quiet:
         print(_summary(result.manifest, out))
+        if args.command == "demo" and config.output.format == "triplet" and config.output.texts:
+            print(_examples(out))
     return 0
+
+
+def _examples(out: Path, n: int = 2) -> str:
+    from miner.write import read_rows
+
+    def cut(text: str, width: int = 100) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = ["", "examples:"]
+    seen: set[str] = set()
+    for row in read_rows(out):
+        if row["query_id"] in seen or len(seen) == n:
+            continue
+        seen.add(row["query_id"])
+        lines += [
+            f"  query     {cut(row['query'])}",
+            f"  positive  {cut(row['positive'])}  (score {row['positive_score']:.3f})",
+            f"  negative  {cut(row['negative'])}  (score {row['negative_score']:.3f}, rank {row['negative_rank']})",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def _run_stats(args: argparse.Namespace) -> int:

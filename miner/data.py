@@ -474,6 +474,7 @@ def from_pairs(
         doc_texts = list(corpus)  # type: ignore[arg-type]
         doc_ids = [f"c{i}" for i in range(len(doc_texts))]
     by_text = {text: i for i, text in reversed(list(enumerate(doc_texts)))}
+    taken_ids = set(doc_ids)
 
     merged: dict[str, dict[int, int]] = {}
     ids_of: dict[str, str] = {}
@@ -484,7 +485,11 @@ def from_pairs(
         for text in texts:
             if text not in by_text:
                 by_text[text] = len(doc_texts)
-                doc_ids.append(f"d{len(doc_texts)}")
+                new_id = f"d{len(doc_texts)}"
+                while new_id in taken_ids:  # a corpus file may already use the name
+                    new_id += "_"
+                taken_ids.add(new_id)
+                doc_ids.append(new_id)
                 doc_texts.append(text)
             row[by_text[text]] = 1
     report = LoadReport(queries_without_positives=sum(1 for r in merged.values() if not r))

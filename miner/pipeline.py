@@ -6,6 +6,7 @@ batch becomes one part on disk as soon as it is mined, so an interrupted run res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -346,7 +347,7 @@ class Miner:
                 current model object, whose weights may have changed in place during training.
         """
         if isinstance(model, str):
-            encoder = Encoder(self.config.encode.__class__(**{**self.config.encode.__dict__, "model": model}))
+            encoder = Encoder(dataclasses.replace(self.config.encode, model=model))
         else:
             encoder = Encoder(self.config.encode, model if model is not None else self.encoder.model)
         self.encoder = encoder

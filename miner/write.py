@@ -245,9 +245,8 @@ class PartWriter:
         self.resumed = previous is not None and previous.get("run_key") == run_key
         if not self.resumed and self.dir.exists():
             shutil.rmtree(self.dir)
-        for stale in (out, manifest_path(out), meta_path(out)):
-            if stale.exists() and stale != out.parent:
-                stale.unlink()
+        for stale in (out, manifest_path(out), meta_path(out)):  # never leave an old file that looks current
+            stale.unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.resumed:
             tmp = run_file.with_name("run.json.tmp")
