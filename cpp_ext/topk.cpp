@@ -1,0 +1,543 @@
+// miner._topk: keep the k best *valid* candidates of every query while streaming score blocks.
+//
+// update_topk streams one block scores float32[q, b] (column j is document offset + j) into the
+// running state (vals float32[q, k], ids int64[q, k]), skipping scores outside [floor, ceiling] and
+// excluded document ids. merge_topk keeps the k best entries of each row of a (vals, ids) matrix.
+//
+// Contract, shared with the numpy fallback in miner/topk.py and tested against one reference:
+// best first, ties to the lower id, -1 / -inf padding, -inf never a candidate, NaN rejected with
+// ValueError, the state left untouched when anything is rejected. Policy (backend choice, thread
+// count, dtype conversion, friendly validation) lives in miner/topk.py; the checks here only keep
+// the kernel memory-safe when it is called directly.
+//
+// Speed: each row is scanned 16 floats at a time against [lo, ceiling], where lo is the larger of
+// the floor and the row's current k-th value, so almost every score is rejected by two vector
+// compares and never touches the heap. NaN passes that test by construction (every comparison with
+// NaN is false), so NaN detection costs nothing extra. Rows are shared out to worker threads.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define MINER_TOPK_SSE2 1
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style>;
+using IdArray = py::array_t<int64_t, py::array::c_style>;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// The lowest finite float: a lower bound of `lowest` keeps -inf out of the candidates.
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+// Below this many scores per thread, starting a thread costs more than it saves.
+constexpr int64_t kMinScoresPerThread = int64_t{1} << 18;
+
+struct Entry {
+  float v;
+  int64_t id;
+};
+
+// a ranks before b: higher score first, ties to the lower document id. A function object, not a
+// function, so that std::nth_element / std::sort inline it instead of calling through a pointer.
+struct Better {
+  bool operator()(const Entry& a, const Entry& b) const {
+    return a.v > b.v || (a.v == b.v && a.id < b.id);
+  }
+};
+constexpr Better better{};
+
+// The k best entries offered so far. Candidates go to a buffer of up to 2k + 16 entries; when it
+// fills, nth_element keeps the best k and their worst one becomes the bar a new candidate must
+// beat. Amortised O(1) per candidate, against O(log k) unpredictable branches for a heap.
+class TopK {
+ public:
+  explicit TopK(std::size_t k) : k_(k), capacity_(2 * k + 16) { buf_.reserve(capacity_); }
+
+  // True once k entries are known: then only entries that rank before worst() can matter.
+  bool full() const { return full_; }
+  const Entry& worst() const { return worst_; }
+
+  // Starts from a state row in canonical form: entries best first, then id -1 padding.
+  void load(const float* vals, const int64_t* ids) {
+    buf_.clear();
+    for (std::size_t j = 0; j < k_ && ids[j] >= 0; ++j) buf_.push_back({vals[j], ids[j]});
+    full_ = buf_.size() == k_;
+    if (full_) worst_ = buf_.back();
+  }
+
+  void clear() {
+    buf_.clear();
+    full_ = false;
+  }
+
+  // Adds e, which the caller has checked ranks before worst() (when full()).
+  void push(const Entry& e) {
+    buf_.push_back(e);
+    if (buf_.size() == capacity_) keep_best();
+  }
+
+  // Writes the best k entries best first, pads with -inf / -1.
+  void store(float* vals, int64_t* ids) {
+    if (buf_.size() > k_) keep_best();
+    std::sort(buf_.begin(), buf_.end(), better);
+    std::size_t j = 0;
+    for (; j < buf_.size(); ++j) {
+      vals[j] = buf_[j].v;
+      ids[j] = buf_[j].id;
+    }
+    for (; j < k_; ++j) {
+      vals[j] = -kInf;
+      ids[j] = -1;
+    }
+  }
+
+ private:
+  // Keeps the best k entries of the buffer. The k-th score is selected on a float copy (cheap
+  // compares), then branch-free passes keep the scores above it and, lowest ids first, as many of
+  // the scores equal to it as fit.
+  void keep_best() {
+    const std::size_t n = buf_.size();
+    keys_.resize(n);
+    for (std::size_t j = 0; j < n; ++j) keys_[j] = buf_[j].v;
+    const auto nth = keys_.begin() + static_cast<std::ptrdiff_t>(k_ - 1);
+    std::nth_element(keys_.begin(), nth, keys_.end(), std::greater<float>());
+    const float kth = *nth;
+    kept_.resize(n + 1);
+    ties_.resize(n + 1);
+    std::size_t above = 0, tied = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      const Entry e = buf_[j];
+      kept_[above] = e;
+      above += e.v > kth;
+      ties_[tied] = e;
+      tied += e.v == kth;
+    }
+    const std::size_t need = k_ - above;  // above < k <= above + tied
+    const auto last = ties_.begin() + static_cast<std::ptrdiff_t>(need - 1);
+    if (tied > need) std::nth_element(ties_.begin(), last, ties_.begin() + tied, better);
+    worst_ = *std::max_element(ties_.begin(), last + 1, better);  // the kept tie of highest id
+    std::copy(ties_.begin(), last + 1, kept_.begin() + static_cast<std::ptrdiff_t>(above));
+    kept_.resize(k_);
+    buf_.swap(kept_);
+    full_ = true;
+  }
+
+  std::size_t k_;
+  std::size_t capacity_;
+  std::vector<Entry> buf_;
+  std::vector<float> keys_;             // keep_best scratch
+  std::vector<Entry> kept_, ties_;      // keep_best scratch
+  bool full_ = false;
+  Entry worst_{-kInf, -1};
+};
+
+inline int lowest_bit(uint32_t bits) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(bits);
+#else
+  int i = 0;
+  while (!(bits & 1u)) {
+    bits >>= 1;
+    ++i;
+  }
+  return i;
+#endif
+}
+
+// Runs fn(begin, end) over row ranges on up to n_threads threads (the caller is one of them).
+// An exception in any worker stops the others from taking new rows and is rethrown here.
+template <class Fn>
+void parallel_rows(int64_t n_rows, int64_t rows_per_task, int n_threads, Fn fn) {
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&]() {
+    try {
+      for (;;) {
+        const int64_t begin = next.fetch_add(rows_per_task);
+        if (begin >= n_rows) break;
+        fn(begin, std::min(n_rows, begin + rows_per_task));
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next.store(n_rows);
+    }
+  };
+  std::vector<std::thread> pool;
+  struct Joiner {  // joins started workers even if starting the next one throws
+    std::vector<std::thread>& pool;
+    ~Joiner() {
+      for (auto& t : pool)
+        if (t.joinable()) t.join();
+    }
+  } joiner{pool};
+  pool.reserve(static_cast<std::size_t>(std::max(0, n_threads - 1)));
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+int threads_for(int64_t n_rows, int64_t n_scores, int requested) {
+  const int64_t by_work = std::max<int64_t>(1, n_scores / kMinScoresPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min({int64_t{requested}, n_rows, by_work})));
+}
+
+int64_t rows_per_task(int64_t n_rows, int64_t row_len, int n_threads) {
+  if (n_threads <= 1) return std::max<int64_t>(1, n_rows);
+  const int64_t by_work = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_len));
+  return std::max<int64_t>(1, std::min(by_work, n_rows / (4 * int64_t{n_threads})));
+}
+
+// One block update, as raw pointers: nothing here touches a Python object.
+struct Block {
+  const float* scores;  // [q, b]
+  int64_t q, b, offset, k;
+  const float* vals;  // [q, k] state, read only until the commit
+  const int64_t* ids;
+  const float* ceiling;  // [q] or null
+  const float* floor;    // [q] or null
+  const int64_t* indptr;  // [q + 1] or null
+  const int64_t* excluded;
+};
+
+// Per-row results, kept apart from the state until the whole block has been checked for NaN.
+struct Staged {
+  float* vals;     // [q, k]
+  int64_t* ids;    // [q, k]
+  uint8_t* changed;  // [q]
+  int64_t* above;  // [q] scores strictly above the ceiling
+};
+
+// Per-thread scratch.
+struct RowScan {
+  explicit RowScan(std::size_t k) : top(k) {}
+  TopK top;
+  std::vector<int64_t> excluded;  // this row's excluded ids inside the block, sorted
+  std::vector<float> maxima;      // group maxima for seed_bound
+};
+
+// Max of the scores <= hi in s[0, n) (-inf if none; NaN is skipped: the scan reports it).
+inline float group_max(const float* s, int64_t n, float hi) {
+  float m = -kInf;
+  int64_t j = 0;
+#ifdef MINER_TOPK_SSE2
+  const __m128 vhi = _mm_set1_ps(hi), ninf = _mm_set1_ps(-kInf);
+  __m128 m0 = ninf, m1 = ninf;
+  for (; j + 8 <= n; j += 8) {
+    const __m128 x0 = _mm_loadu_ps(s + j), x1 = _mm_loadu_ps(s + j + 4);
+    const __m128 ok0 = _mm_cmple_ps(x0, vhi), ok1 = _mm_cmple_ps(x1, vhi);
+    m0 = _mm_max_ps(m0, _mm_or_ps(_mm_and_ps(ok0, x0), _mm_andnot_ps(ok0, ninf)));
+    m1 = _mm_max_ps(m1, _mm_or_ps(_mm_and_ps(ok1, x1), _mm_andnot_ps(ok1, ninf)));
+  }
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_max_ps(m0, m1));
+  m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+#endif
+  for (; j < n; ++j)
+    if (s[j] <= hi) m = std::max(m, s[j]);
+  return m;
+}
+
+// A lower bound of the need-th best score <= hi in s[0, n), or -inf if n is too short: the need-th
+// largest of the maxima of 2 * need disjoint groups. Those need maxima are need distinct scores at
+// least that large, so no smaller score can be among the need best. On random data it lands close
+// to the need-th best, so a fresh row starts with a high bar instead of admitting ~k log(b / k)
+// candidates while its bar rises. One vectorised pass over a segment the scan then reads from cache.
+float seed_bound(const float* s, int64_t n, int64_t need, float hi, std::vector<float>& maxima) {
+  constexpr int64_t kMinGroup = 8;
+  const int64_t groups = 2 * need;
+  const int64_t size = n / groups;
+  if (size < kMinGroup) return -kInf;
+  maxima.resize(static_cast<std::size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) maxima[g] = group_max(s + g * size, size, hi);
+  const auto nth = maxima.begin() + (need - 1);
+  std::nth_element(maxima.begin(), nth, maxima.end(), std::greater<float>());
+  return *nth;
+}
+
+// Scans row i; returns the column of a NaN, or -1.
+template <bool kCountAbove>
+int64_t scan_row(const Block& blk, int64_t i, RowScan& scratch, const Staged& out) {
+  const float* s = blk.scores + i * blk.b;
+  const float* row_vals = blk.vals + i * blk.k;
+  const int64_t* row_ids = blk.ids + i * blk.k;
+  const float hi = blk.ceiling ? blk.ceiling[i] : kInf;
+  const float fl = blk.floor ? std::max(blk.floor[i], kLowest) : kLowest;
+
+  // The state is canonical, so its last slot is the worst kept entry (id -1 while not full).
+  bool full = row_ids[blk.k - 1] >= 0;
+  Entry worst{row_vals[blk.k - 1], row_ids[blk.k - 1]};
+  float lo = full ? std::max(worst.v, fl) : fl;  // a score below lo cannot enter
+  bool loaded = false;
+  bool excluded_ready = false;
+  int64_t nan_col = -1;
+
+  auto gather_excluded = [&]() {  // this row's excluded ids inside the block, sorted, once
+    if (excluded_ready) return;
+    scratch.excluded.clear();
+    if (blk.indptr) {
+      for (int64_t p = blk.indptr[i]; p < blk.indptr[i + 1]; ++p) {
+        const int64_t d = blk.excluded[p];
+        if (d >= blk.offset && d - blk.offset < blk.b) scratch.excluded.push_back(d);
+      }
+      std::sort(scratch.excluded.begin(), scratch.excluded.end());
+    }
+    excluded_ready = true;
+  };
+
+  // Exact test for a score that passed the prefilter (which may have used an older, lower lo).
+  auto consider = [&](int64_t j) {
+    const float x = s[j];
+    if (x != x) {
+      nan_col = j;
+      return;
+    }
+    const Entry e{x, blk.offset + j};
+    if (full && !better(e, worst)) return;
+    if (blk.indptr) {
+      gather_excluded();
+      if (std::binary_search(scratch.excluded.begin(), scratch.excluded.end(), e.id)) return;
+    }
+    if (!loaded) {
+      scratch.top.load(row_vals, row_ids);
+      loaded = true;
+    }
+    scratch.top.push(e);
+    if (scratch.top.full()) {
+      full = true;
+      worst = scratch.top.worst();
+      lo = std::max(worst.v, fl);
+    }
+  };
+
+  if (!full) {  // a fresh row: raise the bar from the first segment (excluded ids may hide in it)
+    const int64_t seg = std::min(blk.b, std::max<int64_t>(int64_t{1} << 14, 128 * blk.k));
+    gather_excluded();
+    const auto& ex = scratch.excluded;
+    const int64_t in_seg = std::lower_bound(ex.begin(), ex.end(), blk.offset + seg) - ex.begin();
+    lo = std::max(lo, seed_bound(s, seg, blk.k + in_seg, hi, scratch.maxima));
+  }
+
+  int64_t j = 0;
+  int64_t above = 0;
+#ifdef MINER_TOPK_SSE2
+  const __m128 vhi = _mm_set1_ps(hi);
+  __m128i above_lanes = _mm_setzero_si128();
+  for (; j + 16 <= blk.b && nan_col < 0; j += 16) {
+    const __m128 vlo = _mm_set1_ps(lo);
+    const __m128 x0 = _mm_loadu_ps(s + j);
+    const __m128 x1 = _mm_loadu_ps(s + j + 4);
+    const __m128 x2 = _mm_loadu_ps(s + j + 8);
+    const __m128 x3 = _mm_loadu_ps(s + j + 12);
+    // lane passes iff !(x < lo) && !(x > hi): lo <= x <= hi, or x is NaN
+    const __m128 m0 = _mm_and_ps(_mm_cmpnlt_ps(x0, vlo), _mm_cmpngt_ps(x0, vhi));
+    const __m128 m1 = _mm_and_ps(_mm_cmpnlt_ps(x1, vlo), _mm_cmpngt_ps(x1, vhi));
+    const __m128 m2 = _mm_and_ps(_mm_cmpnlt_ps(x2, vlo), _mm_cmpngt_ps(x2, vhi));
+    const __m128 m3 = _mm_and_ps(_mm_cmpnlt_ps(x3, vlo), _mm_cmpngt_ps(x3, vhi));
+    if (kCountAbove) {  // a true lane is -1: subtracting counts it
+      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x0, vhi)));
+      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x1, vhi)));
+      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x2, vhi)));
+      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x3, vhi)));
+    }
+    if (!_mm_movemask_ps(_mm_or_ps(_mm_or_ps(m0, m1), _mm_or_ps(m2, m3)))) continue;
+    uint32_t bits = static_cast<uint32_t>(_mm_movemask_ps(m0)) |
+                    static_cast<uint32_t>(_mm_movemask_ps(m1)) << 4 |
+                    static_cast<uint32_t>(_mm_movemask_ps(m2)) << 8 |
+                    static_cast<uint32_t>(_mm_movemask_ps(m3)) << 12;
+    while (bits && nan_col < 0) {
+      consider(j + lowest_bit(bits));
+      bits &= bits - 1;
+    }
+  }
+  if (kCountAbove) {
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), above_lanes);
+    above = int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
+  }
+#endif
+  for (; j < blk.b && nan_col < 0; ++j) {
+    const float x = s[j];
+    if (kCountAbove) above += x > hi;
+    if (!(x < lo) && !(x > hi)) consider(j);
+  }
+  if (nan_col >= 0) return nan_col;
+
+  if (loaded) {
+    scratch.top.store(out.vals + i * blk.k, out.ids + i * blk.k);
+    out.changed[i] = 1;
+  }
+  if (kCountAbove) out.above[i] = above;
+  return -1;
+}
+
+template <class T>
+const T* data_or_null(const std::optional<py::array_t<T, py::array::c_style>>& a) {
+  return a ? a->data() : nullptr;
+}
+
+template <class T>
+void check_shape_1d(const std::optional<py::array_t<T, py::array::c_style>>& a, const char* name,
+                    int64_t n) {
+  if (a && (a->ndim() != 1 || a->shape(0) != n))
+    throw py::value_error(std::string(name) + " must have shape (" + std::to_string(n) + ",)");
+}
+
+void update_topk(const FloatArray& scores, int64_t offset, FloatArray& vals, IdArray& ids,
+                 const std::optional<FloatArray>& ceiling, const std::optional<FloatArray>& floor,
+                 const std::optional<IdArray>& exclude_indptr,
+                 const std::optional<IdArray>& exclude_ids,
+                 std::optional<IdArray>& above_ceiling, int n_threads) {
+  if (scores.ndim() != 2) throw py::value_error("scores must be 2-D (n_queries, n_docs)");
+  if (vals.ndim() != 2 || ids.ndim() != 2 || vals.shape(0) != ids.shape(0) ||
+      vals.shape(1) != ids.shape(1))
+    throw py::value_error("vals and ids must be 2-D with the same shape (n_queries, k)");
+  const int64_t q = scores.shape(0), b = scores.shape(1), k = vals.shape(1);
+  if (vals.shape(0) != q) throw py::value_error("scores and the state must have the same rows");
+  if (k < 1) throw py::value_error("k must be >= 1");
+  if (offset < 0) throw py::value_error("offset must be >= 0");
+  check_shape_1d(ceiling, "ceiling", q);
+  check_shape_1d(floor, "floor", q);
+  check_shape_1d(above_ceiling, "above_ceiling", q);
+  if (exclude_indptr.has_value() != exclude_ids.has_value())
+    throw py::value_error("exclude_indptr and exclude_ids go together");
+  if (exclude_indptr) {
+    check_shape_1d(exclude_indptr, "exclude_indptr", q + 1);
+    if (exclude_ids->ndim() != 1) throw py::value_error("exclude_ids must be 1-D");
+    const int64_t* p = exclude_indptr->data();
+    if (p[0] != 0 || p[q] != exclude_ids->shape(0))
+      throw py::value_error("exclude_indptr must start at 0 and end at len(exclude_ids)");
+    for (int64_t i = 0; i < q; ++i)
+      if (p[i + 1] < p[i]) throw py::value_error("exclude_indptr must be non-decreasing");
+  }
+  for (const auto* bound : {&ceiling, &floor})
+    if (*bound)
+      for (int64_t i = 0; i < q; ++i)
+        if ((*bound)->data()[i] != (*bound)->data()[i])
+          throw py::value_error("ceiling and floor must not contain NaN");
+  if (q == 0 || b == 0) return;
+
+  // Everything Python is resolved here, with the GIL held.
+  const Block blk{scores.data(), q, b, offset, k, vals.data(), ids.data(),
+                  data_or_null(ceiling), data_or_null(floor), data_or_null(exclude_indptr),
+                  data_or_null(exclude_ids)};
+  float* state_vals = vals.mutable_data();
+  int64_t* state_ids = ids.mutable_data();
+  int64_t* above_out = above_ceiling ? above_ceiling->mutable_data() : nullptr;
+  const bool count_above = above_out != nullptr && blk.ceiling != nullptr;
+  std::vector<float> staged_vals(static_cast<std::size_t>(q * k));
+  std::vector<int64_t> staged_ids(static_cast<std::size_t>(q * k));
+  std::vector<uint8_t> changed(static_cast<std::size_t>(q), 0);
+  std::vector<int64_t> above(static_cast<std::size_t>(q), 0);
+  const Staged out{staged_vals.data(), staged_ids.data(), changed.data(), above.data()};
+  std::atomic<int64_t> nan_at{-1};  // row * b + column of a NaN
+
+  {
+    py::gil_scoped_release release;
+    const int threads = threads_for(q, q * b, n_threads);
+    parallel_rows(q, rows_per_task(q, b, threads), threads, [&](int64_t begin, int64_t end) {
+      RowScan scratch(static_cast<std::size_t>(k));
+      for (int64_t i = begin; i < end && nan_at.load(std::memory_order_relaxed) < 0; ++i) {
+        const int64_t col = count_above ? scan_row<true>(blk, i, scratch, out)
+                                        : scan_row<false>(blk, i, scratch, out);
+        if (col >= 0) {
+          int64_t none = -1;
+          nan_at.compare_exchange_strong(none, i * b + col);
+        }
+      }
+    });
+    if (nan_at.load() < 0) {  // commit: only now does the state change
+      for (int64_t i = 0; i < q; ++i) {
+        if (changed[i]) {
+          std::memcpy(state_vals + i * k, staged_vals.data() + i * k, sizeof(float) * k);
+          std::memcpy(state_ids + i * k, staged_ids.data() + i * k, sizeof(int64_t) * k);
+        }
+        if (count_above) above_out[i] += above[i];
+      }
+    }
+  }
+  const int64_t at = nan_at.load();
+  if (at >= 0) {
+    const int64_t row = at / b, col = at % b;
+    throw py::value_error("scores contains NaN at row " + std::to_string(row) + ", column " +
+                          std::to_string(col) + " (document id " + std::to_string(offset + col) +
+                          ")");
+  }
+}
+
+py::tuple merge_topk(const FloatArray& vals, const IdArray& ids, int64_t k, int n_threads) {
+  if (vals.ndim() != 2 || ids.ndim() != 2 || vals.shape(0) != ids.shape(0) ||
+      vals.shape(1) != ids.shape(1))
+    throw py::value_error("vals and ids must be 2-D with the same shape (n_queries, n_entries)");
+  if (k < 1) throw py::value_error("k must be >= 1");
+  const int64_t q = vals.shape(0), n = vals.shape(1);
+  FloatArray out_vals({q, k});  // outputs allocated with the GIL held
+  IdArray out_ids({q, k});
+  const float* v = vals.data();
+  const int64_t* d = ids.data();
+  float* ov = out_vals.mutable_data();
+  int64_t* od = out_ids.mutable_data();
+  std::atomic<int64_t> nan_at{-1};
+  {
+    py::gil_scoped_release release;
+    const int threads = threads_for(q, q * std::max<int64_t>(n, k), n_threads);
+    parallel_rows(q, rows_per_task(q, n, threads), threads, [&](int64_t begin, int64_t end) {
+      TopK top(static_cast<std::size_t>(k));
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          const Entry e{v[i * n + j], d[i * n + j]};
+          if (e.v != e.v) {
+            int64_t none = -1;
+            nan_at.compare_exchange_strong(none, i * n + j);
+            return;
+          }
+          if (e.id < 0 || e.v == -kInf) continue;  // padding
+          if (!top.full() || better(e, top.worst())) top.push(e);
+        }
+        top.store(ov + i * k, od + i * k);
+        top.clear();
+      }
+    });
+  }
+  const int64_t at = nan_at.load();
+  if (at >= 0)
+    throw py::value_error("vals contains NaN at row " + std::to_string(at / n) + ", column " +
+                          std::to_string(at % n));
+  return py::make_tuple(out_vals, out_ids);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_topk, m) {
+  m.doc() = "Private top-k kernel behind miner.topk; call miner.topk, not this module.";
+  m.def("update_topk", &update_topk, py::arg("scores").noconvert(), py::arg("offset"),
+        py::arg("vals").noconvert(), py::arg("ids").noconvert(),
+        py::arg("ceiling").noconvert() = py::none(), py::arg("floor").noconvert() = py::none(),
+        py::arg("exclude_indptr").noconvert() = py::none(),
+        py::arg("exclude_ids").noconvert() = py::none(),
+        py::arg("above_ceiling").noconvert() = py::none(), py::arg("n_threads") = 1,
+        "Stream scores[q, b] (column j = document offset + j) into the top-k state in place.");
+  m.def("merge_topk", &merge_topk, py::arg("vals").noconvert(), py::arg("ids").noconvert(),
+        py::arg("k"), py::arg("n_threads") = 1,
+        "The k best entries of each row of (vals, ids) -> (vals[q, k], ids[q, k]).");
+}
