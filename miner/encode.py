@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 Kind = Literal["query", "document"]
+CACHE_CHUNK = 1024  # texts encoded (and cached) per step
 
 
 def default_cache_dir() -> Path:
@@ -242,10 +243,7 @@ class Encoder:
         if cached is not None:
             emb[found] = cached[found]
         if len(todo):
-            fresh = self._encode_now([distinct[i] for i in todo], prompt)
-            emb[todo] = fresh
-            if cache is not None:
-                cache.add(keys[todo], fresh)
+            self._encode_missing([distinct[i] for i in todo], todo, keys, emb, prompt, cache, kind)
         out = emb if len(distinct) == len(texts) and distinct == list(texts) else emb[[position[t] for t in texts]]
         self.last_stats = EncodeStats(
             len(texts), len(distinct), int(found.sum()), len(todo), time.perf_counter() - started
@@ -253,13 +251,37 @@ class Encoder:
         self.stats.add(self.last_stats)
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    def _encode_now(self, texts: list[str], prompt: str) -> npt.NDArray[np.float32]:
-        vectors = self.model.encode(
-            texts,
-            prompt=prompt or None,
-            batch_size=self.config.batch_size,
-            normalize_embeddings=self.config.normalize,
-            convert_to_numpy=True,
-            show_progress_bar=self.show_progress,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+    def _encode_missing(
+        self,
+        texts: list[str],
+        rows: npt.NDArray[np.intp],
+        keys: npt.NDArray[np.void],
+        out: npt.NDArray[np.float32],
+        prompt: str,
+        cache: EmbeddingCache | None,
+        kind: Kind,
+    ) -> None:
+        """Encode ``texts`` into ``out[rows]`` in chunks, longest first, caching each chunk as it is done.
+
+        Chunks bound what an interrupted run loses: a rerun finds every finished chunk in the cache.
+        """
+        from tqdm.auto import tqdm
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a chunk
+        with tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not self.show_progress,
+                  leave=False) as bar:
+            for start in range(0, len(order), CACHE_CHUNK):
+                chunk = order[start : start + CACHE_CHUNK]
+                vectors = self.model.encode(
+                    [texts[i] for i in chunk],
+                    prompt=prompt or None,
+                    batch_size=self.config.batch_size,
+                    normalize_embeddings=self.config.normalize,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                vectors = np.asarray(vectors, dtype=np.float32)
+                out[rows[chunk]] = vectors
+                if cache is not None:
+                    cache.add(keys[rows[chunk]], vectors)
+                bar.update(len(chunk))
