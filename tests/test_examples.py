@@ -6,6 +6,7 @@ import importlib.util
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
-def remining() -> ModuleType:
+def remining() -> Iterator[ModuleType]:
     path = EXAMPLES / "train_with_remining.py"
     spec = importlib.util.spec_from_file_location("train_with_remining", path)
     assert spec is not None and spec.loader is not None
@@ -59,7 +60,9 @@ def test_batches_never_repeat_a_text_and_cover_every_triplet(remining: ModuleTyp
         assert len(flat) == len(set(flat))
 
 
-def test_missing_data_folder_is_exit_code_2(remining: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_folder_is_exit_code_2(
+    remining: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert remining.main(["--data", str(tmp_path / "nowhere"), "--no-cache"]) == 2
     assert "corpus.jsonl" in capsys.readouterr().err
 
