@@ -26,7 +26,15 @@ from miner.errors import ModelError
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["Encoder", "EmbeddingCache", "EncodeStats", "resolve_model", "model_fingerprint", "default_cache_dir"]
+__all__ = [
+    "Encoder",
+    "EmbeddingCache",
+    "EncodeStats",
+    "load_model",
+    "resolve_model",
+    "model_fingerprint",
+    "default_cache_dir",
+]
 
 log = logging.getLogger(__name__)
 

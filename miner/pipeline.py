@@ -270,7 +270,11 @@ def _concat_negatives(parts: list[Negatives], n: int) -> Negatives:
 
 @dataclass
 class MinedBatch:
-    """Negatives of an ad-hoc batch, with their texts, from :meth:`Miner.mine`."""
+    """Negatives of an ad-hoc batch, from :meth:`Miner.mine`.
+
+    ``negatives`` holds padded arrays (``-1`` where a query got fewer than ``num_negatives``);
+    ``doc_ids`` and ``doc_texts`` are ragged lists per query with the padding dropped.
+    """
 
     negatives: Negatives
     stats: SelectionStats
@@ -339,19 +343,31 @@ class Miner:
             self.config.select.dup_neighbours,
         )
 
-    def refresh(self, model: SentenceTransformer | str | None = None) -> None:
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights the corpus embeddings and index were built with."""
+        return self.encoder.fingerprint
+
+    def refresh(self, model: SentenceTransformer | str | None = None, *, cache: bool = True) -> EncodeStats:
         """Re-encode the corpus with an updated model and rebuild the index.
 
         Args:
             model: the fine-tuned ``SentenceTransformer`` (or a path to one); ``None`` re-encodes with the
                 current model object, whose weights may have changed in place during training.
+            cache: write the new embeddings to the cache. Intermediate training checkpoints are rarely
+                reused, so ``cache=False`` keeps the cache from growing by one corpus per refresh.
+
+        Returns:
+            The corpus encoding statistics (texts encoded, cache hits, seconds).
         """
+        config = self.config.encode if cache else dataclasses.replace(self.config.encode, cache_dir=None)
         if isinstance(model, str):
-            encoder = Encoder(dataclasses.replace(self.config.encode, model=model))
+            self.encoder = Encoder(dataclasses.replace(config, model=model), show_progress=self.progress)
         else:
-            encoder = Encoder(self.config.encode, model if model is not None else self.encoder.model)
-        self.encoder = encoder
+            current = model if model is not None else self.encoder.model
+            self.encoder = Encoder(config, current, show_progress=self.progress)
         self._build()
+        return self.doc_stats
 
     def _mine_rows(
         self,
@@ -396,7 +412,8 @@ class Miner:
 
         Args:
             queries: query texts.
-            positives: for each query, its positive documents as corpus ids (str) or rows (int).
+            positives: for each query, its positive documents as corpus ids (str) or rows (int) of *this*
+                Miner's corpus (rows of another corpus, e.g. before subsampling, would name other documents).
             query_ids: ids keying the per-query random streams and own-document checks (default: the text).
             judged_negatives: for each query, judged non-relevant documents (used with ``prefer_judged``).
 
