@@ -95,43 +95,19 @@ def block_update(q: int, b: int, k: int, repeats: int) -> list[str]:
     rng = np.random.default_rng(0)
     scores = rng.standard_normal((q, b), dtype=np.float32)  # [q, b]
     n = scores.size
-    rows: list[tuple[str, int, float]] = []  # (method, threads, seconds)
-
     pool = ThreadPoolExecutor(max(1, threads))
     halves = np.array_split(np.arange(q), max(1, threads))
+    fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    steady = topk.new_state(q, k)
 
     def read_parallel() -> None:
         list(pool.map(lambda r: scores[r[0] : r[-1] + 1].max(axis=1), halves))
 
-    rows.append(("streaming read: `np.max(axis=1)`", 1, median_time(lambda: scores.max(axis=1), repeats)))
-    rows.append((f"streaming read: `np.max(axis=1)`, {threads} threads", threads, median_time(read_parallel, repeats)))
-
-    state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def fresh() -> None:
-        state["s"] = topk.new_state(q, k)
-
-    compiled_ids = None
-    if topk._compiled_module()[0] is not None:
-        with backend("compiled"):
-            rows.append(
-                ("`miner.topk.update_topk`, compiled, fresh state", threads,
-                 median_time(lambda: topk.update_topk(scores, 0, *state["s"]), repeats, setup=fresh))
-            )
-            compiled_ids = state["s"][1].copy()
-            steady = topk.new_state(q, k)
-            topk.update_topk(scores, 0, *steady)  # the top-k of an earlier block, same distribution
-            rows.append(
-                ("`miner.topk.update_topk`, compiled, steady state", threads,
-                 median_time(lambda: topk.update_topk(scores, b, *steady), repeats))
-            )
-    with backend("numpy"):
-        rows.append(
-            ("`miner.topk.update_topk`, numpy fallback, fresh state", 1,
-             median_time(lambda: topk.update_topk(scores, 0, *state["s"]), max(1, repeats // 2), setup=fresh))
-        )
-        numpy_ids = state["s"][1]
-    agree = "n/a (kernel not built)" if compiled_ids is None else str(bool(np.array_equal(compiled_ids, numpy_ids)))
+    def update(name: str, state: Callable[[], tuple[np.ndarray, np.ndarray]], offset: int) -> Callable[[], None]:
+        def run() -> None:
+            with backend(name):
+                topk.update_topk(scores, offset, *state())
+        return run
 
     def argpartition_sort() -> None:
         part = np.argpartition(scores, b - k, axis=1)[:, b - k :]  # [q, k] unordered
@@ -139,25 +115,60 @@ def block_update(q: int, b: int, k: int, repeats: int) -> list[str]:
         order = np.argsort(-top, axis=1, kind="stable")
         np.take_along_axis(part, order, axis=1)
 
-    rows.append(("`numpy.argpartition` + sort of the k", 1, median_time(argpartition_sort, max(1, repeats // 2))))
+    def new_fresh() -> None:
+        fresh["s"] = topk.new_state(q, k)
+
+    # (method, threads, fn, setup run untimed before each call, slow: timed on every other round)
+    methods: list[tuple[str, int, Callable[[], object], Callable[[], object] | None, bool]] = [
+        ("streaming read: `np.max(axis=1)`", 1, lambda: scores.max(axis=1), None, False),
+        (f"streaming read: `np.max(axis=1)`, {threads} threads", threads, read_parallel, None, False),
+    ]
+    agree = "n/a (kernel not built)"
+    if topk._compiled_module()[0] is not None:
+        new_fresh()
+        update("compiled", lambda: fresh["s"], 0)()
+        compiled_ids = fresh["s"][1].copy()
+        new_fresh()
+        update("numpy", lambda: fresh["s"], 0)()
+        agree = str(bool(np.array_equal(compiled_ids, fresh["s"][1])))
+        update("compiled", lambda: steady, 0)()  # the top-k of an earlier block, same distribution
+        methods += [
+            ("`miner.topk.update_topk`, compiled, fresh state", threads, update("compiled", lambda: fresh["s"], 0), new_fresh, False),
+            ("`miner.topk.update_topk`, compiled, steady state", threads, update("compiled", lambda: steady, b), None, False),
+        ]
+    methods += [
+        ("`miner.topk.update_topk`, numpy fallback, fresh state", 1, update("numpy", lambda: fresh["s"], 0), new_fresh, True),
+        ("`numpy.argpartition` + sort of the k", 1, argpartition_sort, None, True),
+    ]
     try:
         import torch
     except ImportError:
         torch = None
     if torch is not None:
         t = torch.from_numpy(scores)
-        rows.append(
-            ("`torch.topk` (sorted)", torch.get_num_threads(), median_time(lambda: torch.topk(t, k, dim=1), repeats))
-        )
+        methods.append(("`torch.topk` (sorted)", torch.get_num_threads(), lambda: torch.topk(t, k, dim=1), None, False))
+
+    # Interleaved: every round times each method once, so load from elsewhere hits all of them alike.
+    times: dict[str, list[float]] = {name: [] for name, *_ in methods}
+    for round_ in range(repeats):
+        for name, _, fn, setup, slow in methods:
+            if slow and round_ % 2:
+                continue
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
     pool.shutdown()
+    rows = [(name, th, statistics.median(times[name])) for name, th, *_ in methods]
 
     bound = min(sec for name, _, sec in rows if name.startswith("streaming read"))
     argpart = next(sec for name, _, sec in rows if name.startswith("`numpy.argpartition"))
     out = [
         f"## Block update: {q:,} x {b:,} float32 (random normal), k = {k}",
         "",
-        f"Median of {repeats} runs ({max(1, repeats // 2)} for the slow numpy ones). Compiled and numpy "
-        f"fallback return identical states: {agree}.",
+        f"Median of {repeats} rounds, each timing every method once in turn ({(repeats + 1) // 2} for "
+        f"the slow numpy ones). Compiled and numpy fallback return identical states: {agree}.",
         "",
         "| method | threads | time (ms) | G scores/s | speed vs argpartition | % of streaming read |",
         "|---|---:|---:|---:|---:|---:|",

@@ -65,7 +65,7 @@ struct Better {
 constexpr Better better{};
 
 // The k best entries offered so far. Candidates go to a buffer of up to 2k + 16 entries; when it
-// fills, nth_element keeps the best k and their worst one becomes the bar a new candidate must
+// fills, keep_best() keeps the best k and their worst one becomes the bar a new candidate must
 // beat. Amortised O(1) per candidate, against O(log k) unpredictable branches for a heap.
 class TopK {
  public:
@@ -120,8 +120,8 @@ class TopK {
     const auto nth = keys_.begin() + static_cast<std::ptrdiff_t>(k_ - 1);
     std::nth_element(keys_.begin(), nth, keys_.end(), std::greater<float>());
     const float kth = *nth;
-    kept_.resize(n + 1);
-    ties_.resize(n + 1);
+    kept_.resize(n);
+    ties_.resize(n);
     std::size_t above = 0, tied = 0;
     for (std::size_t j = 0; j < n; ++j) {
       const Entry e = buf_[j];

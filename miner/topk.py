@@ -13,7 +13,9 @@ Contract, identical for both backends (the compiled kernel and the numpy fallbac
 - NaN scores, NaN bounds, bad shapes and bad values raise `ValueError` naming them; a state of the
   wrong type raises `TypeError`; on any error the state is left unchanged;
 - the state is updated in place and never copied: it must be C-contiguous, writable, float32 /
-  int64. Other inputs are converted here, visibly, with `numpy.ascontiguousarray`.
+  int64, and come from `new_state`, `update_topk` or `merge_topk` (rows sorted, padding last: the
+  last slot of a row is read as its current k-th value). Other inputs are converted here, visibly,
+  with `numpy.ascontiguousarray`.
 
 The backend is chosen per call from the environment variable ``MINER_BACKEND``: unset or
 ``auto`` (compiled if ``miner._topk`` imports, else numpy), ``numpy`` (force the fallback) or
