@@ -276,7 +276,7 @@ class Encoder:
         from tqdm.auto import tqdm
 
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a chunk
-        with tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not self.show_progress,
+        with tqdm(total=len(texts), desc="encoding queries" if kind == "query" else "encoding documents", unit="text", disable=not self.show_progress,
                   leave=False) as bar:
             for start in range(0, len(order), CACHE_CHUNK):
                 chunk = order[start : start + CACHE_CHUNK]
