@@ -208,6 +208,123 @@ int64_t rows_per_task(int64_t n_rows, int64_t row_len, int n_threads) {
   return std::max<int64_t>(1, std::min(by_work, n_rows / (4 * int64_t{n_threads})));
 }
 
+// --- the prefilter ------------------------------------------------------------------------------
+//
+// next(s, j, end, lo, hi, &bits, above) looks at s[j, end) 16 scores at a time ((end - j) % 16 == 0)
+// and returns the start of the first group holding a lane that passes !(x < lo) && !(x > hi), i.e.
+// lo <= x <= hi or x is NaN, with that group's passing lanes in bits; or end. If above is not null,
+// it adds the scores > hi of every group it looked at, the returned one included. One version per
+// instruction set, picked at run time: a row calls it once per group with a hit, which is rare once
+// the row's bar is up, so the call costs nothing next to the loop inside.
+using NextFn = int64_t (*)(const float*, int64_t, int64_t, float, float, uint32_t*, int64_t*);
+
+int64_t next_scalar(const float* s, int64_t j, int64_t end, float lo, float hi, uint32_t* bits,
+                    int64_t* above) {
+  for (; j < end; j += 16) {
+    uint32_t b = 0;
+    for (int t = 0; t < 16; ++t) {
+      const float x = s[j + t];
+      b |= static_cast<uint32_t>(!(x < lo) && !(x > hi)) << t;
+      if (above) *above += x > hi;
+    }
+    if (b) {
+      *bits = b;
+      return j;
+    }
+  }
+  return end;
+}
+
+#ifdef MINER_TOPK_SSE2
+int64_t next_sse2(const float* s, int64_t j, int64_t end, float lo, float hi, uint32_t* bits,
+                  int64_t* above) {
+  const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi);
+  __m128i count = _mm_setzero_si128();
+  for (; j < end; j += 16) {
+    const __m128 x0 = _mm_loadu_ps(s + j), x1 = _mm_loadu_ps(s + j + 4);
+    const __m128 x2 = _mm_loadu_ps(s + j + 8), x3 = _mm_loadu_ps(s + j + 12);
+    const __m128 m0 = _mm_and_ps(_mm_cmpnlt_ps(x0, vlo), _mm_cmpngt_ps(x0, vhi));
+    const __m128 m1 = _mm_and_ps(_mm_cmpnlt_ps(x1, vlo), _mm_cmpngt_ps(x1, vhi));
+    const __m128 m2 = _mm_and_ps(_mm_cmpnlt_ps(x2, vlo), _mm_cmpngt_ps(x2, vhi));
+    const __m128 m3 = _mm_and_ps(_mm_cmpnlt_ps(x3, vlo), _mm_cmpngt_ps(x3, vhi));
+    if (above) {  // a true lane is -1: subtracting counts it
+      count = _mm_sub_epi32(count, _mm_castps_si128(_mm_cmpgt_ps(x0, vhi)));
+      count = _mm_sub_epi32(count, _mm_castps_si128(_mm_cmpgt_ps(x1, vhi)));
+      count = _mm_sub_epi32(count, _mm_castps_si128(_mm_cmpgt_ps(x2, vhi)));
+      count = _mm_sub_epi32(count, _mm_castps_si128(_mm_cmpgt_ps(x3, vhi)));
+    }
+    if (_mm_movemask_ps(_mm_or_ps(_mm_or_ps(m0, m1), _mm_or_ps(m2, m3)))) {
+      *bits = static_cast<uint32_t>(_mm_movemask_ps(m0)) |
+              static_cast<uint32_t>(_mm_movemask_ps(m1)) << 4 |
+              static_cast<uint32_t>(_mm_movemask_ps(m2)) << 8 |
+              static_cast<uint32_t>(_mm_movemask_ps(m3)) << 12;
+      break;
+    }
+  }
+  if (above) {
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), count);
+    *above += int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
+  }
+  return std::min(j, end);
+}
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MINER_TOPK_AVX2 1
+#include <immintrin.h>
+// The same loop 8 lanes wide, compiled for AVX2 in this function only (the module stays portable).
+__attribute__((target("avx2"))) int64_t next_avx2(const float* s, int64_t j, int64_t end, float lo,
+                                                  float hi, uint32_t* bits, int64_t* above) {
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  __m256i count = _mm256_setzero_si256();
+  for (; j < end; j += 16) {
+    const __m256 x0 = _mm256_loadu_ps(s + j), x1 = _mm256_loadu_ps(s + j + 8);
+    const __m256 m0 = _mm256_and_ps(_mm256_cmp_ps(x0, vlo, _CMP_NLT_UQ),
+                                    _mm256_cmp_ps(x0, vhi, _CMP_NGT_UQ));
+    const __m256 m1 = _mm256_and_ps(_mm256_cmp_ps(x1, vlo, _CMP_NLT_UQ),
+                                    _mm256_cmp_ps(x1, vhi, _CMP_NGT_UQ));
+    if (above) {
+      count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(x0, vhi, _CMP_GT_OQ)));
+      count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(x1, vhi, _CMP_GT_OQ)));
+    }
+    if (_mm256_movemask_ps(_mm256_or_ps(m0, m1))) {
+      *bits = static_cast<uint32_t>(_mm256_movemask_ps(m0)) |
+              static_cast<uint32_t>(_mm256_movemask_ps(m1)) << 8;
+      break;
+    }
+  }
+  if (above) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
+    for (int t = 0; t < 8; ++t) *above += lanes[t];
+  }
+  return std::min(j, end);
+}
+#endif
+
+// The prefilters this CPU can run, fastest first.
+std::vector<std::pair<std::string, NextFn>> prefilters() {
+  std::vector<std::pair<std::string, NextFn>> out;
+#ifdef MINER_TOPK_AVX2
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) out.emplace_back("avx2", next_avx2);
+#endif
+#ifdef MINER_TOPK_SSE2
+  out.emplace_back("sse2", next_sse2);
+#endif
+  out.emplace_back("scalar", next_scalar);
+  return out;
+}
+
+NextFn prefilter(const std::string& name) {
+  static const auto available = prefilters();
+  if (name == "auto") return available.front().second;
+  for (const auto& [n, fn] : available)
+    if (n == name) return fn;
+  throw py::value_error("simd must be 'auto' or one this CPU supports, got '" + name + "'");
+}
+
 // One block update, as raw pointers: nothing here touches a Python object.
 struct Block {
   const float* scores;  // [q, b]
@@ -218,6 +335,7 @@ struct Block {
   const float* floor;    // [q] or null
   const int64_t* indptr;  // [q + 1] or null
   const int64_t* excluded;
+  NextFn next;
 };
 
 // Per-row results, kept apart from the state until the whole block has been checked for NaN.
@@ -236,40 +354,27 @@ struct RowScan {
   std::vector<float> maxima;      // group maxima for seed_bound
 };
 
-// Max of the scores <= hi in s[0, n) (-inf if none; NaN is skipped: the scan reports it).
-inline float group_max(const float* s, int64_t n, float hi) {
-  float m = -kInf;
-  int64_t j = 0;
-#ifdef MINER_TOPK_SSE2
-  const __m128 vhi = _mm_set1_ps(hi), ninf = _mm_set1_ps(-kInf);
-  __m128 m0 = ninf, m1 = ninf;
-  for (; j + 8 <= n; j += 8) {
-    const __m128 x0 = _mm_loadu_ps(s + j), x1 = _mm_loadu_ps(s + j + 4);
-    const __m128 ok0 = _mm_cmple_ps(x0, vhi), ok1 = _mm_cmple_ps(x1, vhi);
-    m0 = _mm_max_ps(m0, _mm_or_ps(_mm_and_ps(ok0, x0), _mm_andnot_ps(ok0, ninf)));
-    m1 = _mm_max_ps(m1, _mm_or_ps(_mm_and_ps(ok1, x1), _mm_andnot_ps(ok1, ninf)));
-  }
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_max_ps(m0, m1));
-  m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
-#endif
-  for (; j < n; ++j)
-    if (s[j] <= hi) m = std::max(m, s[j]);
-  return m;
-}
-
 // A lower bound of the need-th best score <= hi in s[0, n), or -inf if n is too short: the need-th
 // largest of the maxima of 2 * need disjoint groups. Those need maxima are need distinct scores at
 // least that large, so no smaller score can be among the need best. On random data it lands close
 // to the need-th best, so a fresh row starts with a high bar instead of admitting ~k log(b / k)
-// candidates while its bar rises. One vectorised pass over a segment the scan then reads from cache.
+// candidates while its bar rises. Group g is s[g], s[g + groups], s[g + 2 * groups], ...: the maxima
+// are a running elementwise max over consecutive slices, a loop the compiler vectorises with no
+// horizontal reductions, over a segment the scan then reads again from cache.
 float seed_bound(const float* s, int64_t n, int64_t need, float hi, std::vector<float>& maxima) {
   constexpr int64_t kMinGroup = 8;
   const int64_t groups = 2 * need;
   const int64_t size = n / groups;
   if (size < kMinGroup) return -kInf;
-  maxima.resize(static_cast<std::size_t>(groups));
-  for (int64_t g = 0; g < groups; ++g) maxima[g] = group_max(s + g * size, size, hi);
+  maxima.assign(static_cast<std::size_t>(groups), -kInf);
+  float* m = maxima.data();
+  for (int64_t r = 0; r < size; ++r) {
+    const float* x = s + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float v = x[g] <= hi ? x[g] : -kInf;  // above the ceiling, or NaN: not a candidate
+      m[g] = m[g] < v ? v : m[g];
+    }
+  }
   const auto nth = maxima.begin() + (need - 1);
   std::nth_element(maxima.begin(), nth, maxima.end(), std::greater<float>());
   return *nth;
@@ -338,45 +443,21 @@ int64_t scan_row(const Block& blk, int64_t i, RowScan& scratch, const Staged& ou
     lo = std::max(lo, seed_bound(s, seg, blk.k + in_seg, hi, scratch.maxima));
   }
 
-  int64_t j = 0;
+  const int64_t end = blk.b - blk.b % 16;  // the prefilter takes 16 scores at a time
   int64_t above = 0;
-#ifdef MINER_TOPK_SSE2
-  const __m128 vhi = _mm_set1_ps(hi);
-  __m128i above_lanes = _mm_setzero_si128();
-  for (; j + 16 <= blk.b && nan_col < 0; j += 16) {
-    const __m128 vlo = _mm_set1_ps(lo);
-    const __m128 x0 = _mm_loadu_ps(s + j);
-    const __m128 x1 = _mm_loadu_ps(s + j + 4);
-    const __m128 x2 = _mm_loadu_ps(s + j + 8);
-    const __m128 x3 = _mm_loadu_ps(s + j + 12);
-    // lane passes iff !(x < lo) && !(x > hi): lo <= x <= hi, or x is NaN
-    const __m128 m0 = _mm_and_ps(_mm_cmpnlt_ps(x0, vlo), _mm_cmpngt_ps(x0, vhi));
-    const __m128 m1 = _mm_and_ps(_mm_cmpnlt_ps(x1, vlo), _mm_cmpngt_ps(x1, vhi));
-    const __m128 m2 = _mm_and_ps(_mm_cmpnlt_ps(x2, vlo), _mm_cmpngt_ps(x2, vhi));
-    const __m128 m3 = _mm_and_ps(_mm_cmpnlt_ps(x3, vlo), _mm_cmpngt_ps(x3, vhi));
-    if (kCountAbove) {  // a true lane is -1: subtracting counts it
-      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x0, vhi)));
-      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x1, vhi)));
-      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x2, vhi)));
-      above_lanes = _mm_sub_epi32(above_lanes, _mm_castps_si128(_mm_cmpgt_ps(x3, vhi)));
-    }
-    if (!_mm_movemask_ps(_mm_or_ps(_mm_or_ps(m0, m1), _mm_or_ps(m2, m3)))) continue;
-    uint32_t bits = static_cast<uint32_t>(_mm_movemask_ps(m0)) |
-                    static_cast<uint32_t>(_mm_movemask_ps(m1)) << 4 |
-                    static_cast<uint32_t>(_mm_movemask_ps(m2)) << 8 |
-                    static_cast<uint32_t>(_mm_movemask_ps(m3)) << 12;
+  int64_t j = 0;
+  for (;;) {
+    uint32_t bits = 0;
+    j = blk.next(s, j, end, lo, hi, &bits, kCountAbove ? &above : nullptr);
+    if (j >= end) break;
     while (bits && nan_col < 0) {
       consider(j + lowest_bit(bits));
       bits &= bits - 1;
     }
+    if (nan_col >= 0) return nan_col;
+    j += 16;
   }
-  if (kCountAbove) {
-    alignas(16) int32_t lanes[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), above_lanes);
-    above = int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
-  }
-#endif
-  for (; j < blk.b && nan_col < 0; ++j) {
+  for (j = end; j < blk.b && nan_col < 0; ++j) {
     const float x = s[j];
     if (kCountAbove) above += x > hi;
     if (!(x < lo) && !(x > hi)) consider(j);
@@ -407,7 +488,8 @@ void update_topk(const FloatArray& scores, int64_t offset, FloatArray& vals, IdA
                  const std::optional<FloatArray>& ceiling, const std::optional<FloatArray>& floor,
                  const std::optional<IdArray>& exclude_indptr,
                  const std::optional<IdArray>& exclude_ids,
-                 std::optional<IdArray>& above_ceiling, int n_threads) {
+                 std::optional<IdArray>& above_ceiling, int n_threads,
+                 const std::string& simd) {
   if (scores.ndim() != 2) throw py::value_error("scores must be 2-D (n_queries, n_docs)");
   if (vals.ndim() != 2 || ids.ndim() != 2 || vals.shape(0) != ids.shape(0) ||
       vals.shape(1) != ids.shape(1))
@@ -440,7 +522,7 @@ void update_topk(const FloatArray& scores, int64_t offset, FloatArray& vals, IdA
   // Everything Python is resolved here, with the GIL held.
   const Block blk{scores.data(), q, b, offset, k, vals.data(), ids.data(),
                   data_or_null(ceiling), data_or_null(floor), data_or_null(exclude_indptr),
-                  data_or_null(exclude_ids)};
+                  data_or_null(exclude_ids), prefilter(simd)};
   float* state_vals = vals.mutable_data();
   int64_t* state_ids = ids.mutable_data();
   int64_t* above_out = above_ceiling ? above_ceiling->mutable_data() : nullptr;
@@ -536,8 +618,17 @@ PYBIND11_MODULE(_topk, m) {
         py::arg("exclude_indptr").noconvert() = py::none(),
         py::arg("exclude_ids").noconvert() = py::none(),
         py::arg("above_ceiling").noconvert() = py::none(), py::arg("n_threads") = 1,
+        py::arg("simd") = "auto",
         "Stream scores[q, b] (column j = document offset + j) into the top-k state in place.");
   m.def("merge_topk", &merge_topk, py::arg("vals").noconvert(), py::arg("ids").noconvert(),
         py::arg("k"), py::arg("n_threads") = 1,
         "The k best entries of each row of (vals, ids) -> (vals[q, k], ids[q, k]).");
+  m.def(
+      "simd",
+      []() {
+        std::vector<std::string> names;
+        for (const auto& p : prefilters()) names.push_back(p.first);
+        return names;
+      },
+      "Instruction sets the scan can use on this CPU, the default first.");
 }

@@ -419,6 +419,36 @@ def test_binding_refuses_to_copy():
                           exclude_indptr=np.array([0, 2, 1]), exclude_ids=np.array([1]))
 
 
+@pytest.mark.skipif(_SKIP_COMPILED is not None, reason=str(_SKIP_COMPILED))
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.sampled_from([1, 5, 60]), ties=st.booleans())
+def test_every_simd_path_equals_the_reference(seed, k, ties):
+    """Each instruction set this CPU supports (AVX2, SSE2, scalar) gives the reference's answer."""
+    from miner import _topk
+
+    rng = np.random.default_rng(seed)
+    q, n = 6, int(rng.integers(1, 3000))
+    scores = (rng.integers(-3, 3, (q, n)) if ties else rng.standard_normal((q, n))).astype(np.float32)
+    scores[rng.random((q, n)) < 0.01] = np.inf
+    ceiling = rng.choice(np.array([0.5, 2.0, np.inf], np.float32), q)
+    excluded = [rng.integers(0, n, rng.integers(0, 20)) for _ in range(q)]
+    indptr, flat = csr(excluded)
+    want = reference_topk(scores, k, ceiling, None, excluded)
+    for simd in _topk.simd():
+        vals, ids = topk.new_state(q, k)
+        above = np.zeros(q, np.int64)
+        _topk.update_topk(scores, 0, vals, ids, ceiling, None, indptr, flat, above, 2, simd)
+        assert_same((vals, ids), want)
+        np.testing.assert_array_equal(above, (scores > ceiling[:, None]).sum(axis=1), err_msg=simd)
+        scores_nan = scores.copy()
+        col = int(rng.integers(0, n))
+        scores_nan[q - 1, col] = np.nan
+        with pytest.raises(ValueError, match=f"NaN at row {q - 1}, column {col} "):
+            _topk.update_topk(scores_nan, 0, vals, ids, None, None, None, None, None, 1, simd)
+    with pytest.raises(ValueError, match="simd must be"):
+        _topk.update_topk(scores, 0, vals, ids, simd="avx1024")
+
+
 # --- backend choice ------------------------------------------------------------------------------
 
 
