@@ -15,6 +15,7 @@ def update_topk(
     exclude_ids: npt.NDArray[np.int64] | None = None,  # [nnz]
     above_ceiling: npt.NDArray[np.int64] | None = None,  # [q], incremented in place
     n_threads: int = 1,
+    simd: str = "auto",  # "auto" or one of simd(); for tests
 ) -> None: ...
 def merge_topk(
     vals: npt.NDArray[np.float32],  # [q, n]
@@ -22,3 +23,4 @@ def merge_topk(
     k: int,
     n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...  # [q, k], [q, k]
+def simd() -> list[str]: ...  # instruction sets the scan can use on this CPU, the default first

@@ -70,6 +70,11 @@ def _compiled_module() -> tuple[ModuleType | None, str]:
     return _topk, ""
 
 
+@functools.cache
+def _scan_isa(module: ModuleType) -> str:
+    return str(module.simd()[0])
+
+
 def _threads() -> int:
     raw = os.environ.get(THREADS_ENV, "").strip()
     if raw:
@@ -103,6 +108,7 @@ def _backend(name: str | None = None) -> _Backend:
             )
         return _Backend("numpy", missing, 1, _update_numpy, _merge_numpy)
     reason = f"{BACKEND_ENV}=compiled" if name == "compiled" else "miner._topk is importable"
+    reason += f" (scan: {_scan_isa(module)})"
     return _Backend("compiled", reason, _threads(), module.update_topk, module.merge_topk)
 
 
