@@ -10,10 +10,12 @@
 // count, dtype conversion, friendly validation) lives in miner/topk.py; the checks here only keep
 // the kernel memory-safe when it is called directly.
 //
-// Speed: each row is scanned 16 floats at a time against [lo, ceiling], where lo is the larger of
-// the floor and the row's current k-th value, so almost every score is rejected by two vector
-// compares and never touches the heap. NaN passes that test by construction (every comparison with
-// NaN is false), so NaN detection costs nothing extra. Rows are shared out to worker threads.
+// Speed: each row is scanned 16 floats at a time (AVX2 when the CPU has it, else SSE2) against
+// [lo, ceiling], where lo is the larger of the floor and the row's current k-th value, so almost
+// every score is rejected by two vector compares and never reaches the candidate buffer. NaN passes
+// that test by construction (every comparison with NaN is false), so detecting it costs nothing. A
+// row that starts empty first takes a provable lower bound of its k-th value from group maxima of
+// its first segment (seed_bound). Rows are shared out to worker threads, the GIL released.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
