@@ -10,6 +10,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from miner.calibrate import (
+    brier_score,
+    expected_calibration_error,
+    prior_correction,
+    prior_correction_per_class,
+    reliability_curve,
+    temperature_sampling,
+    undersample,
+)
 from miner.config import EncodeConfig, MineConfig, OutputConfig, SearchConfig, SelectConfig
 from miner.data import Corpus, Dataset, Qrels, Queries, from_pairs, load_beir, load_data, load_pairs
 from miner.errors import ConfigError, DataError, MinerError, ModelError
@@ -44,6 +53,14 @@ __all__ = [
     # search
     "exact_search",
     "backend_info",
+    # calibrate
+    "prior_correction",
+    "prior_correction_per_class",
+    "undersample",
+    "expected_calibration_error",
+    "brier_score",
+    "reliability_curve",
+    "temperature_sampling",
     # errors
     "MinerError",
     "DataError",
