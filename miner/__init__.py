@@ -4,12 +4,16 @@ The stages, each a module of functions over arrays: :mod:`miner.data` (inputs), 
 (sentence-transformers + embedding cache), :mod:`miner.search` (exact fused top-k or faiss),
 :mod:`miner.select` (positive-aware selection), :mod:`miner.write` (training files in parts),
 :mod:`miner.pipeline` (:func:`mine` and :class:`Miner`), :mod:`miner.cli` (the ``miner`` command).
+Evaluation and imbalance: :mod:`miner.evalset` (stratified evaluation sets), :mod:`miner.evaluate`
+(per-stratum metrics with intervals), :mod:`miner.calibrate` (undersampling weights, prior correction,
+calibration metrics).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from miner.allocate import allocate
 from miner.calibrate import (
     brier_score,
     expected_calibration_error,
@@ -22,6 +26,8 @@ from miner.calibrate import (
 from miner.config import EncodeConfig, MineConfig, OutputConfig, SearchConfig, SelectConfig
 from miner.data import Corpus, Dataset, Qrels, Queries, from_pairs, load_beir, load_data, load_pairs
 from miner.errors import ConfigError, DataError, MinerError, ModelError
+from miner.evalset import EvalsetConfig, build_evalset
+from miner.evaluate import EvaluateConfig, evaluate
 from miner.pipeline import MinedBatch, Miner, MineResult, mine
 from miner.search import exact_search
 from miner.select import Negatives
@@ -53,6 +59,12 @@ __all__ = [
     # search
     "exact_search",
     "backend_info",
+    # evalset, evaluate
+    "EvalsetConfig",
+    "build_evalset",
+    "allocate",
+    "EvaluateConfig",
+    "evaluate",
     # calibrate
     "prior_correction",
     "prior_correction_per_class",

@@ -105,7 +105,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="mine the bundled SciFact sample with the default model")
     _add_mining_flags(d, demo=True)
+    _add_evalset_parser(sub)
+    _add_evaluate_parser(sub)
     return parser
+
+
+def _add_encoding_flags(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("encoding")
+    e.add_argument("--model", default="default",
+                   help="sentence-transformers model name or local folder (default: all-MiniLM-L6-v2)")
+    e.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default %(default)s)")
+    e.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    e.add_argument("--query-prompt", default="", help="text prepended to queries (e.g. 'query: ')")
+    e.add_argument("--document-prompt", default="", help="text prepended to documents (e.g. 'passage: ')")
+    e.add_argument("--cache-dir", default=None, help="embedding cache (default $MINER_CACHE_DIR or ~/.cache/miner)")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.add_argument("--index", default="exact", help="exact, flat, ivf, hnsw or a faiss factory string (default exact)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no summary table")
+
+
+def _encode_config(args: argparse.Namespace) -> Any:
+    from miner.config import EncodeConfig
+    from miner.encode import default_cache_dir
+
+    return EncodeConfig(model=args.model, batch_size=args.batch_size, device=args.device,
+                        query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                        cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()))
+
+
+def _add_evalset_parser(sub: Any) -> None:
+    from miner.config import SelectConfig
+
+    p = sub.add_parser("evalset", help="build a stratified evaluation set with a reduced, hard corpus")
+    p.add_argument("--data", required=True, help="BEIR folder, or a pairs file (.parquet, .jsonl, .csv, .tsv)")
+    p.add_argument("--corpus", default=None, help="extra documents for a pairs file (table with a 'text' column)")
+    p.add_argument("--split", default="test", help="qrels split whose judged queries are the population (default %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (BEIR layout plus strata.tsv and manifest.json)")
+    s = p.add_argument_group("strata and allocation")
+    s.add_argument("--budget", type=int, required=True, help="queries to select")
+    s.add_argument("--strata", default="difficulty,n_positives",
+                   help="comma-separated: difficulty, n_positives, topic, mapping, field:NAME (default %(default)s)")
+    s.add_argument("--strata-file", default=None, help="query-id<TAB>stratum file for the 'mapping' stratum")
+    s.add_argument("--topics", type=int, default=8, help="k-means clusters of the 'topic' stratum (default %(default)s)")
+    s.add_argument("--allocation", choices=["proportional", "equal", "neyman"], default="proportional",
+                   help="how the budget is split over strata (default %(default)s)")
+    s.add_argument("--min-per-stratum", type=int, default=0, help="queries at least per stratum; smaller strata are taken whole")
+    s.add_argument("--pilot-variance", default=None, help="stratum<TAB>variance file for --allocation neyman")
+    s.add_argument("--seed", type=int, default=0, help="seeds the draw, k-means and the background (default %(default)s)")
+    c = p.add_argument_group("reduced corpus")
+    c.add_argument("--distractors", type=int, default=50, help="positive-aware mined distractors per query (default %(default)s)")
+    c.add_argument("--bm25-distractors", type=int, default=0, help="BM25 distractors per query (needs bm25s; default 0)")
+    c.add_argument("--background", type=int, default=500, help="random other documents (default %(default)s)")
+    c.add_argument("--relative-margin", type=_optional_float, default=SelectConfig().relative_margin,
+                   help="distractors scoring above s - m*|s| are skipped as likely false negatives (default %(default)s)")
+    c.add_argument("--dup-threshold", type=_optional_float, default=SelectConfig().dup_threshold,
+                   help="near-duplicates of a positive are never distractors (default %(default)s; 'none' = off)")
+    g = p.add_argument_group("leakage guard")
+    g.add_argument("--train", default=None,
+                   help="training set: a 'miner mine' file, a BEIR folder, or a qrels split of --data (e.g. train)")
+    g.add_argument("--train-split", default="train", help="qrels split when --train is a BEIR folder (default %(default)s)")
+    g.add_argument("--exclude-leaked-positives", action="store_true",
+                   help="drop eval positives that training used (default: report them)")
+    _add_encoding_flags(p)
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a model on an evaluation folder, per stratum, with intervals")
+    p.add_argument("--data", required=True, help="evaluation folder (from 'miner evalset', or any BEIR folder)")
+    p.add_argument("--split", default="test", help="qrels split (default %(default)s)")
+    p.add_argument("--strata", default=None, help="strata file (default: DATA/strata.tsv when it exists)")
+    p.add_argument("--k", type=int, default=10, help="cutoff of nDCG and MRR (default %(default)s)")
+    p.add_argument("--recall-at", default="10,100", help="comma-separated Recall cutoffs (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples, 0 = none (default %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (default %(default)s)")
+    p.add_argument("--out", default=None, help="write the JSON report (with per-query values) here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_encoding_flags(p)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -256,6 +332,80 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evalset(args: argparse.Namespace) -> int:
+    from miner.config import MineConfig, SearchConfig, SelectConfig
+    from miner.evalset import EvalsetConfig, build_evalset, read_pilot_variance
+
+    config = EvalsetConfig(
+        budget=args.budget,
+        strata=args.strata,
+        allocation=args.allocation,
+        min_per_stratum=args.min_per_stratum,
+        pilot_variance=None if args.pilot_variance is None else read_pilot_variance(args.pilot_variance),
+        mapping=args.strata_file,
+        topics=args.topics,
+        distractors=args.distractors,
+        bm25_distractors=args.bm25_distractors,
+        background=args.background,
+        train=args.train,
+        train_split=args.train_split,
+        leaked_positives="exclude" if args.exclude_leaked_positives else "report",
+        seed=args.seed,
+    )
+    mine_config = MineConfig(
+        encode=_encode_config(args),
+        search=SearchConfig(index=args.index),
+        select=SelectConfig(relative_margin=args.relative_margin, dup_threshold=args.dup_threshold),
+    )
+    _quiet_third_parties()
+    result = build_evalset(args.data, args.out, config, mine_config, split=args.split, corpus=args.corpus,
+                           progress=not args.quiet)
+    if not args.quiet:
+        m = result.manifest
+        width = max(len(s["stratum"]) for s in m["strata"])
+        print(f"  {'stratum':<{width}}  {'population':>10}  {'selected':>8}  {'weight':>8}")
+        for s in m["strata"]:
+            note = "  (too small for the minimum: taken whole)" if s["too_small"] else ""
+            print(f"  {s['stratum']:<{width}}  {s['population']:>10}  {s['selected']:>8}  {s['weight']:>8.4f}{note}")
+        rows: list[tuple[str, object]] = [
+            ("output", f"{result.out}  (corpus.jsonl, queries.jsonl, qrels/test.tsv, strata.tsv, manifest.json)"),
+            ("queries", f"{m['selected_queries']} of a population of {m['population']['queries']} "
+                        f"(weights sum to {m['weights_sum']:g})"),
+            ("corpus", ", ".join(f"{k} {v}" for k, v in m["corpus"].items())),
+        ]
+        if m["leakage"] is not None:
+            leak = m["leakage"]
+            rows.append(("leakage", f"{leak['queries_in_training']} eval queries in training (left out); "
+                                    f"{leak['queries_with_positive_as_training_positive']} queries with a positive "
+                                    f"used as a training positive, {leak['queries_with_positive_as_training_negative']} "
+                                    f"as a training negative ({leak['leaked_positives']})"))
+        rows += [(f"time: {k}", f"{v:.2f} s") for k, v in m["timings"].items()]
+        print(_table(rows))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from miner.errors import ConfigError
+    from miner.evaluate import EvaluateConfig, evaluate
+
+    try:
+        recall_at = tuple(int(x) for x in args.recall_at.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--recall-at must be comma-separated integers, got {args.recall_at!r}") from None
+    config = EvaluateConfig(k=args.k, recall_at=recall_at, bootstrap=args.bootstrap, confidence=args.confidence,
+                            seed=args.seed, index=args.index)
+    _quiet_third_parties()
+    report = evaluate(args.data, _encode_config(args), config, split=args.split, strata_file=args.strata,
+                      progress=not args.quiet)
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report.to_dict(per_query=False), indent=2))
+    elif not args.quiet:
+        print(report.table())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``miner`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_mine(args, argv, data=Path(args.data), split=args.split)
         if args.command == "demo":
             return _run_mine(args, argv, data=DEMO_DIR, split="train")
+        if args.command == "evalset":
+            return _run_evalset(args)
+        if args.command == "evaluate":
+            return _run_evaluate(args)
         return _run_stats(args)
     except KeyboardInterrupt:
         print("miner: interrupted; rerun the same command to resume from the last complete part", file=sys.stderr)
