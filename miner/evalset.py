@@ -124,6 +124,8 @@ class EvalsetConfig:
             raise ConfigError("a mapping file was given but 'mapping' is not among the strata")
         if self.allocation == "neyman" and self.pilot_variance is None:
             raise ConfigError("neyman allocation needs a pilot variance per stratum (--pilot-variance FILE)")
+        if self.allocation != "neyman" and self.pilot_variance is not None:
+            raise ConfigError(f"pilot variances are only used by neyman allocation, not {self.allocation}")
         if self.leaked_positives not in ("report", "exclude"):
             raise ConfigError(f"leaked_positives must be 'report' or 'exclude', got {self.leaked_positives!r}")
 

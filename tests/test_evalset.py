@@ -290,6 +290,8 @@ def test_config_errors() -> None:
         EvalsetConfig(budget=10, strata=("mapping",))
     with pytest.raises(ConfigError, match="pilot variance"):
         EvalsetConfig(budget=10, allocation="neyman")
+    with pytest.raises(ConfigError, match="only used by neyman"):
+        EvalsetConfig(budget=10, pilot_variance={"a": 1.0})
     with pytest.raises(ConfigError, match="budget"):
         EvalsetConfig(budget=0)
 
