@@ -217,7 +217,7 @@ def mine(
             "name": resolve_model(config.encode.model) if model is None else type(model).__name__,
             "fingerprint": encoder.fingerprint,
             "dimension": encoder.dim,
-            "max_seq_length": int(encoder.model.max_seq_length),
+            "max_seq_length": encoder.model.max_seq_length,
         },
         "inputs": {
             "sources": dataset.sources,
@@ -453,5 +453,5 @@ def _as_corpus(corpus: Corpus | Sequence[str] | tuple[Sequence[str], Sequence[st
         return corpus
     if isinstance(corpus, tuple) and len(corpus) == 2 and not isinstance(corpus[0], str):
         return Corpus(list(corpus[0]), list(corpus[1]))
-    texts = list(corpus)  # type: ignore[arg-type]
+    texts = [str(t) for t in corpus]
     return Corpus([f"c{i}" for i in range(len(texts))], texts)
