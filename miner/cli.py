@@ -1,6 +1,6 @@
 """The ``miner`` command: a thin layer over :func:`miner.mine` and friends.
 
-``main(argv)`` returns an exit code: 0 success, 2 bad input or settings, 3 the model could not be loaded,
+``main(argv)`` returns an exit code: 0 success, 2 bad input, settings or a missing optional package, 3 the model could not be loaded,
 130 interrupted (rerun the same command to resume), 1 anything unexpected. Errors are one line on stderr;
 ``MINER_DEBUG=1`` adds the traceback.
 """
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelError as exc:
         _report(exc)
         return 3
-    except (MinerError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (MinerError, ValueError, ImportError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         _report(exc)
         return 2
     except Exception as exc:  # the CLI's last line of defence: one line, not a traceback
