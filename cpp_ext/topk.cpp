@@ -305,25 +305,64 @@ __attribute__((target("avx2"))) int64_t next_avx2(const float* s, int64_t j, int
 }
 #endif
 
-// The prefilters this CPU can run, fastest first.
-std::vector<std::pair<std::string, NextFn>> prefilters() {
-  std::vector<std::pair<std::string, NextFn>> out;
+// The group maxima of seed_bound: m[g] = max(m[g], max over r < size of s[r * groups + g]), scores
+// above hi (and NaN) left out. A plain loop, vectorised by the compiler for each instruction set.
+using GroupMaxFn = void (*)(float*, const float*, int64_t, int64_t, float);
+
+#if defined(__GNUC__)
+#define MINER_TOPK_INLINE inline __attribute__((always_inline))
+#else
+#define MINER_TOPK_INLINE inline
+#endif
+
+MINER_TOPK_INLINE void group_max_body(float* m, const float* s, int64_t size, int64_t groups,
+                                      float hi) {
+  for (int64_t r = 0; r < size; ++r) {
+    const float* x = s + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float v = x[g] <= hi ? x[g] : -kInf;  // above the ceiling, or NaN: not a candidate
+      m[g] = m[g] < v ? v : m[g];
+    }
+  }
+}
+
+void group_max(float* m, const float* s, int64_t size, int64_t groups, float hi) {
+  group_max_body(m, s, size, groups, hi);
+}
+
+#ifdef MINER_TOPK_AVX2
+__attribute__((target("avx2"))) void group_max_avx2(float* m, const float* s, int64_t size,
+                                                    int64_t groups, float hi) {
+  group_max_body(m, s, size, groups, hi);
+}
+#endif
+
+// One instruction set's versions of the vector loops.
+struct Simd {
+  std::string name;
+  NextFn next;
+  GroupMaxFn group_max;
+};
+
+// The instruction sets this CPU can run, fastest first.
+std::vector<Simd> simd_available() {
+  std::vector<Simd> out;
 #ifdef MINER_TOPK_AVX2
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) out.emplace_back("avx2", next_avx2);
+  if (__builtin_cpu_supports("avx2")) out.push_back({"avx2", next_avx2, group_max_avx2});
 #endif
 #ifdef MINER_TOPK_SSE2
-  out.emplace_back("sse2", next_sse2);
+  out.push_back({"sse2", next_sse2, group_max});
 #endif
-  out.emplace_back("scalar", next_scalar);
+  out.push_back({"scalar", next_scalar, group_max});
   return out;
 }
 
-NextFn prefilter(const std::string& name) {
-  static const auto available = prefilters();
-  if (name == "auto") return available.front().second;
-  for (const auto& [n, fn] : available)
-    if (n == name) return fn;
+const Simd& simd_named(const std::string& name) {
+  static const auto available = simd_available();
+  if (name == "auto") return available.front();
+  for (const auto& simd : available)
+    if (simd.name == name) return simd;
   throw py::value_error("simd must be 'auto' or one this CPU supports, got '" + name + "'");
 }
 
@@ -337,7 +376,7 @@ struct Block {
   const float* floor;    // [q] or null
   const int64_t* indptr;  // [q + 1] or null
   const int64_t* excluded;
-  NextFn next;
+  const Simd* simd;
 };
 
 // Per-row results, kept apart from the state until the whole block has been checked for NaN.
@@ -363,20 +402,14 @@ struct RowScan {
 // candidates while its bar rises. Group g is s[g], s[g + groups], s[g + 2 * groups], ...: the maxima
 // are a running elementwise max over consecutive slices, a loop the compiler vectorises with no
 // horizontal reductions, over a segment the scan then reads again from cache.
-float seed_bound(const float* s, int64_t n, int64_t need, float hi, std::vector<float>& maxima) {
+float seed_bound(const float* s, int64_t n, int64_t need, float hi, GroupMaxFn group_max_fn,
+                 std::vector<float>& maxima) {
   constexpr int64_t kMinGroup = 8;
   const int64_t groups = 2 * need;
   const int64_t size = n / groups;
   if (size < kMinGroup) return -kInf;
   maxima.assign(static_cast<std::size_t>(groups), -kInf);
-  float* m = maxima.data();
-  for (int64_t r = 0; r < size; ++r) {
-    const float* x = s + r * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float v = x[g] <= hi ? x[g] : -kInf;  // above the ceiling, or NaN: not a candidate
-      m[g] = m[g] < v ? v : m[g];
-    }
-  }
+  group_max_fn(maxima.data(), s, size, groups, hi);
   const auto nth = maxima.begin() + (need - 1);
   std::nth_element(maxima.begin(), nth, maxima.end(), std::greater<float>());
   return *nth;
@@ -442,7 +475,7 @@ int64_t scan_row(const Block& blk, int64_t i, RowScan& scratch, const Staged& ou
     gather_excluded();
     const auto& ex = scratch.excluded;
     const int64_t in_seg = std::lower_bound(ex.begin(), ex.end(), blk.offset + seg) - ex.begin();
-    lo = std::max(lo, seed_bound(s, seg, blk.k + in_seg, hi, scratch.maxima));
+    lo = std::max(lo, seed_bound(s, seg, blk.k + in_seg, hi, blk.simd->group_max, scratch.maxima));
   }
 
   const int64_t end = blk.b - blk.b % 16;  // the prefilter takes 16 scores at a time
@@ -450,7 +483,7 @@ int64_t scan_row(const Block& blk, int64_t i, RowScan& scratch, const Staged& ou
   int64_t j = 0;
   for (;;) {
     uint32_t bits = 0;
-    j = blk.next(s, j, end, lo, hi, &bits, kCountAbove ? &above : nullptr);
+    j = blk.simd->next(s, j, end, lo, hi, &bits, kCountAbove ? &above : nullptr);
     if (j >= end) break;
     while (bits && nan_col < 0) {
       consider(j + lowest_bit(bits));
@@ -524,7 +557,7 @@ void update_topk(const FloatArray& scores, int64_t offset, FloatArray& vals, IdA
   // Everything Python is resolved here, with the GIL held.
   const Block blk{scores.data(), q, b, offset, k, vals.data(), ids.data(),
                   data_or_null(ceiling), data_or_null(floor), data_or_null(exclude_indptr),
-                  data_or_null(exclude_ids), prefilter(simd)};
+                  data_or_null(exclude_ids), &simd_named(simd)};
   float* state_vals = vals.mutable_data();
   int64_t* state_ids = ids.mutable_data();
   int64_t* above_out = above_ceiling ? above_ceiling->mutable_data() : nullptr;
@@ -629,7 +662,7 @@ PYBIND11_MODULE(_topk, m) {
       "simd",
       []() {
         std::vector<std::string> names;
-        for (const auto& p : prefilters()) names.push_back(p.first);
+        for (const auto& simd : simd_available()) names.push_back(simd.name);
         return names;
       },
       "Instruction sets the scan can use on this CPU, the default first.");
