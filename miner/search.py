@@ -115,7 +115,8 @@ def exact_search_counts(
     scores_out = np.empty((n_q, k), dtype=np.float32)
     ids_out = np.empty((n_q, k), dtype=np.int64)
     above = np.zeros(n_q, dtype=np.int64)
-    tile = np.empty((min(query_block_size, max(n_q, 1)), min(doc_block_size, max(n_d, 1))), dtype=np.float32)
+    # One flat buffer: every tile, the ragged last ones included, is a C-contiguous view of it (no copies).
+    tile = np.empty(min(query_block_size, max(n_q, 1)) * min(doc_block_size, max(n_d, 1)), dtype=np.float32)
     for q0 in range(0, n_q, query_block_size):
         q1 = min(q0 + query_block_size, n_q)
         vals, ids = topk.new_state(q1 - q0, int(k))
@@ -126,7 +127,7 @@ def exact_search_counts(
         sub_above = np.zeros(q1 - q0, dtype=np.int64)
         for d0 in range(0, n_d, doc_block_size):
             d1 = min(d0 + doc_block_size, n_d)
-            block = tile[: q1 - q0, : d1 - d0]
+            block = tile[: (q1 - q0) * (d1 - d0)].reshape(q1 - q0, d1 - d0)
             np.matmul(q[q0:q1], d[d0:d1].T, out=block)  # float32[q, b], one BLAS sgemm
             topk.update_topk(
                 block,
