@@ -1,8 +1,10 @@
 """Texts to vectors: a sentence-transformers encoder behind an on-disk embedding cache.
 
-The cache is keyed by the model's *weights* fingerprint, the prompt, the normalisation flag and the text,
-so re-running on the same data skips encoding, and a fine-tuned checkpoint never reuses stale vectors.
-Each distinct text is encoded once per call.
+The cache is keyed by the model's *weights* fingerprint, the prompt, the normalisation flag, the precision
+(fp32 vectors never mix with bf16 ones) and the text, so re-running on the same data skips
+encoding, and a fine-tuned checkpoint never reuses stale vectors. Each distinct text is encoded once per
+call, in batches bounded by a padded-token budget (:mod:`miner.batching`), at the precision that
+:mod:`miner.precision` resolves.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from miner.config import EncodeConfig
 from miner.errors import ModelError
+from miner.precision import Runner, make_runner, resolve_precision
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -167,35 +170,60 @@ class EmbeddingCache:
 
 @dataclass
 class EncodeStats:
+    """What one or more encode calls did.
+
+    ``texts`` asked for, ``distinct`` among them (what dedupe left), ``cache_hits``, ``encoded`` (model
+    inputs), ``batches`` (forward passes), ``tokens`` and ``padded_tokens`` of the encoded texts (their
+    ratio is the padding efficiency of the batching), and the ``precision`` and ``batching`` used.
+    """
+
     texts: int = 0
     distinct: int = 0
     cache_hits: int = 0
     encoded: int = 0
     seconds: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    precision: str = ""
+    batching: str = ""
+
+    COUNTS = ("texts", "distinct", "cache_hits", "encoded", "batches", "tokens", "padded_tokens")
 
     def add(self, other: EncodeStats) -> None:
-        for name in ("texts", "distinct", "cache_hits", "encoded"):
+        for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds += other.seconds
+        self.precision = self.precision or other.precision
+        self.batching = self.batching or other.batching
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         return {
-            "texts": self.texts,
-            "distinct": self.distinct,
-            "cache_hits": self.cache_hits,
-            "encoded": self.encoded,
+            **{name: getattr(self, name) for name in self.COUNTS},
             "seconds": round(self.seconds, 4),
+            "precision": self.precision,
+            "batching": self.batching,
         }
+
+
+def _preprocess(model: SentenceTransformer, texts: list[str], prompt: str) -> dict[str, Any]:
+    """The model's own features for ``texts`` (``preprocess`` since sentence-transformers 5, else ``tokenize``)."""
+    preprocess = getattr(model, "preprocess", None)
+    if preprocess is not None:
+        return dict(preprocess(texts, prompt=prompt or None))
+    return dict(model.tokenize([prompt + t for t in texts]))
 
 
 class Encoder:
     """A sentence-transformers model with prompts, normalisation and an embedding cache.
 
     Args:
-        config: model, prompts, batch size, device, cache directory.
+        config: model, prompts, batch size or token budget, precision, device, cache directory.
         model: an already loaded ``SentenceTransformer`` (e.g. inside a training loop); it overrides
             ``config.model``.
         show_progress: progress bars while encoding.
+
+    ``precision`` is the resolved precision (``auto`` decided for the model's device).
 
     Example:
         >>> enc = Encoder(EncodeConfig(cache_dir="/tmp/cache"))  # doctest: +SKIP
@@ -215,9 +243,16 @@ class Encoder:
         started = time.perf_counter()
         self.model = model if model is not None else load_model(config.model, config.device)
         self.fingerprint = model_fingerprint(self.model)
+        self.precision = resolve_precision(config.precision, self.model.device.type)
+        self._runner: Runner | None = None  # built on first use
         self.load_seconds = time.perf_counter() - started
         self.stats = EncodeStats()  # all calls
         self.last_stats = EncodeStats()  # the latest call
+
+    @property
+    def batching(self) -> str:
+        budget = self.config.token_budget
+        return f"tokens<={budget}" if budget is not None else f"fixed {self.config.batch_size}"
 
     @property
     def dim(self) -> int:
@@ -231,6 +266,8 @@ class Encoder:
         if self.config.cache_dir is None:
             return None
         tag = f"{self.fingerprint}|{prompt}|normalize={self.config.normalize}"
+        if self.precision != "fp32":  # fp32 keeps the key it always had
+            tag += f"|precision={self.precision}"
         namespace = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:24]
         return EmbeddingCache(self.config.cache_dir, namespace)
 
@@ -238,7 +275,7 @@ class Encoder:
         """Embed ``texts`` as queries or documents: float32[n, d], C-contiguous."""
         started = time.perf_counter()
         prompt = self.config.query_prompt if kind == "query" else self.config.document_prompt
-        distinct = list(dict.fromkeys(texts))
+        distinct = list(dict.fromkeys(texts)) if self.config.dedupe else list(texts)
         position = {text: i for i, text in enumerate(distinct)}
         keys = _text_keys([prompt + t for t in distinct])
         cache = self._cache(prompt)
@@ -250,12 +287,12 @@ class Encoder:
         emb = np.empty((len(distinct), self.dim), dtype=np.float32)
         if cached is not None:
             emb[found] = cached[found]
+        self.last_stats = EncodeStats(len(texts), len(distinct), int(found.sum()), len(todo),
+                                      precision=self.precision, batching=self.batching)
         if len(todo):
             self._encode_missing([distinct[i] for i in todo], todo, keys, emb, prompt, cache, kind)
         out = emb if len(distinct) == len(texts) and distinct == list(texts) else emb[[position[t] for t in texts]]
-        self.last_stats = EncodeStats(
-            len(texts), len(distinct), int(found.sum()), len(todo), time.perf_counter() - started
-        )
+        self.last_stats.seconds = time.perf_counter() - started
         self.stats.add(self.last_stats)
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -271,7 +308,8 @@ class Encoder:
     ) -> None:
         """Encode ``texts`` into ``out[rows]`` in chunks, longest first, caching each chunk as it is done.
 
-        Chunks bound what an interrupted run loses: a rerun finds every finished chunk in the cache.
+        Chunks bound what an interrupted run loses: a rerun finds every finished chunk in the cache. Each
+        chunk is tokenised once, then run in batches by token budget (or of ``batch_size`` texts).
         """
         from tqdm.auto import tqdm
 
@@ -280,16 +318,42 @@ class Encoder:
                   leave=False) as bar:
             for start in range(0, len(order), CACHE_CHUNK):
                 chunk = order[start : start + CACHE_CHUNK]
-                vectors = self.model.encode(
-                    [texts[i] for i in chunk],
-                    prompt=prompt or None,
-                    batch_size=self.config.batch_size,
-                    normalize_embeddings=self.config.normalize,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-                vectors = np.asarray(vectors, dtype=np.float32)
+                vectors = self._encode_chunk([texts[i] for i in chunk], prompt)
                 out[rows[chunk]] = vectors
                 if cache is not None:
                     cache.add(keys[rows[chunk]], vectors)
                 bar.update(len(chunk))
+
+    def _encode_chunk(self, texts: list[str], prompt: str) -> npt.NDArray[np.float32]:
+        """float32[len(texts), d]: tokenise once, sort by token length, run batch by batch at ``precision``."""
+        import torch
+
+        from miner.batching import can_slice, slice_features, token_batches
+
+        if self._runner is None:
+            self._runner = make_runner(self.model, self.precision)
+        features = _preprocess(self.model, texts, prompt)
+        mask = features.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ModelError("the model's preprocess gave no attention mask: only text models are supported")
+        lengths = mask.sum(dim=1).numpy()
+        padding_side = getattr(getattr(self.model, "tokenizer", None), "padding_side", "right")
+        sliceable = can_slice(features, len(texts), padding_side)
+        truncate_dim = getattr(self.model, "truncate_dim", None)
+        result = np.empty((len(texts), self.dim), dtype=np.float32)
+        for group in token_batches(lengths, self.config.token_budget, self.config.batch_size):
+            width = int(lengths[group].max())
+            if sliceable:
+                batch = slice_features(features, group, width)
+            else:  # left padding or unusual features: tokenise this batch on its own
+                batch = _preprocess(self.model, [texts[i] for i in group], prompt)
+            emb = self._runner(batch)  # float32[len(group), d]
+            if truncate_dim is not None:
+                emb = emb[:, :truncate_dim]
+            if self.config.normalize:
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            result[group] = emb.numpy()
+            self.last_stats.batches += 1
+            self.last_stats.tokens += int(lengths[group].sum())
+            self.last_stats.padded_tokens += width * len(group)
+        return result

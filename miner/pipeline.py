@@ -152,7 +152,11 @@ def mine(
     run_key = hashlib.sha256(
         json.dumps(
             {
-                "config": {**config.to_dict(), "encode": {**config.to_dict()["encode"], "cache_dir": None}},
+                # the precision that ran ("auto" resolves per machine), not the one asked for
+                "config": {
+                    **config.to_dict(),
+                    "encode": {**config.to_dict()["encode"], "cache_dir": None, "precision": encoder.precision},
+                },
                 "dataset": fingerprint,
                 "model": encoder.fingerprint,
                 "version": __version__,

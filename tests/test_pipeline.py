@@ -10,6 +10,7 @@ import pytest
 
 from miner.config import EncodeConfig, MineConfig, OutputConfig, SearchConfig, SelectConfig
 from miner.data import load_beir, normalize_text
+from miner.encode import Encoder
 from miner.pipeline import Miner, mine
 from miner.write import PartWriter, manifest_path, meta_path, parts_dir, read_rows
 
@@ -176,3 +177,14 @@ def test_miner_object_mines_and_refreshes(small_beir: Path, model, tmp_path: Pat
     assert miner.doc_stats.encoded == len(set(ds.corpus.texts))  # nothing reused from the old model's cache
     with pytest.raises(ValueError, match="not in the corpus"):
         miner.mine(["q"], [["no-such-doc"]])
+
+
+def test_resume_key_holds_the_precision_that_ran(small_beir: Path, model, tmp_path: Path) -> None:
+    """``auto`` resolves per machine: a run resumes parts made with the precision it resolved to, not others."""
+    keys = {}
+    for precision in ("auto", "fp32", "bf16"):
+        result = mine(small_beir, None, _config(tmp_path).replace(encode={"precision": precision}), model=model)
+        keys[precision] = result.manifest["run_key"]
+    resolved = Encoder(EncodeConfig(precision="auto"), model).precision
+    assert keys["auto"] == keys[resolved]
+    assert keys["fp32"] != keys["bf16"]
