@@ -24,7 +24,8 @@ torch search, filtering, building the output ``datasets.Dataset``). *miner* is i
 same arrays (loaded from the same ``.npy`` files): ``build_index`` (``auto``), the duplicate finder and
 ``mine_batch`` per query batch, i.e. :meth:`miner.Miner` without its encoder. Neither writes a file.
 ``miner-nodup`` is the same with near-duplicate detection off (``dup_threshold=None``): the peer has no
-such step, and it costs miner a second exact search (each positive against the corpus, k = 17).
+such step; miner checks each candidate against the query's positives and searches deeper where
+near-duplicates crowd a pool.
 """
 
 from __future__ import annotations
@@ -275,11 +276,8 @@ def worker_scale(args: argparse.Namespace) -> dict[str, Any]:
         phases["load_embeddings"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         index = build_index(docs, search_cfg)
-        dup = DuplicateFinder(doc_keys, docs, index, select_cfg.dup_threshold, select_cfg.dup_neighbours)
+        dup = DuplicateFinder(doc_keys)
         phases["build_index"] = time.perf_counter() - t1
-        t_dup = time.perf_counter()
-        dup.near(np.unique(pos))  # memoised: mine_batch reuses it; timed apart, as the peer has no such step
-        phases["near_duplicates"] = time.perf_counter() - t_dup
         t2 = time.perf_counter()
         ids_out = []
         batch = search_cfg.query_batch_size

@@ -142,9 +142,8 @@ class SelectConfig:
         min_score: floor; candidates scoring below it are never negatives.
         sampling: ``top`` (hardest first), ``random`` (uniform in the window), ``spread`` (evenly spaced).
         seed: seed of ``random`` sampling; each query draws from its own stream keyed by its id.
-        dup_threshold: documents whose similarity to a positive is at least this are excluded as
-            near-duplicates; ``None`` disables the check.
-        dup_neighbours: how many nearest documents of each positive are checked for near-duplicates.
+        dup_threshold: candidates whose similarity to one of the query's positives is at least this are
+            excluded as near-duplicates; ``None`` disables the check.
         exclude_own_document: exclude the document with the query's id or the query's normalised text.
         prefer_judged: take judged non-relevant documents (qrels grade 0) first, hardest first.
     """
@@ -159,13 +158,11 @@ class SelectConfig:
     sampling: Sampling = "top"
     seed: int = 42
     dup_threshold: float | None = 0.95
-    dup_neighbours: int = 16
     exclude_own_document: bool = True
     prefer_judged: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("num_negatives", self.num_negatives)
-        _check_positive_int("dup_neighbours", self.dup_neighbours)
         if not isinstance(self.range_min, int) or self.range_min < 0:
             raise ConfigError(f"range_min must be an integer >= 0, got {self.range_min!r}")
         if not isinstance(self.range_max, int) or self.range_max <= self.range_min:

@@ -26,7 +26,7 @@ from miner.data import Corpus, Dataset, _text_key, load_data
 from miner.encode import Encoder, EncodeStats, resolve_model
 from miner.errors import DataError
 from miner.search import build_index
-from miner.select import DuplicateFinder, Negatives, SelectionStats, mine_batch
+from miner.select import DuplicateFinder, Negatives, SelectionStats, mine_batch, same_text_positives
 from miner.write import BatchRows, PartWriter, build_rows, manifest_path, meta_path
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ def mine(
     queries, n_q = dataset.queries, len(dataset.queries)
     pos_ptr, pos_ids, judged_ptr, judged_ids = _split_qrels(dataset)
     query_keys = np.array([_text_key(t) for t in queries.texts], dtype=np.int64)
+    shared_ptr, shared_ids = same_text_positives(query_keys, pos_ptr, pos_ids)  # across batches
     batch = config.search.query_batch_size
     n_parts = (n_q + batch - 1) // batch
     fingerprint = _dataset_fingerprint(dataset)
@@ -183,7 +184,8 @@ def mine(
         b_ptr, b_pos = _csr_rows(pos_ptr, pos_ids, lo, hi)
         j_ptr, j_ids = _csr_rows(judged_ptr, judged_ids, lo, hi)
         negatives, batch_stats = miner._mine_rows(
-            queries.ids[lo:hi], queries.texts[lo:hi], query_keys[lo:hi], b_ptr, b_pos, j_ptr, j_ids, timings
+            queries.ids[lo:hi], queries.texts[lo:hi], query_keys[lo:hi], b_ptr, b_pos, j_ptr, j_ids, timings,
+            excluded_positives=_csr_rows(shared_ptr, shared_ids, lo, hi),
         )
         stats.merge(batch_stats)
         if writer is None:
@@ -339,13 +341,7 @@ class Miner:
         self._query_stats = EncodeStats()
         with self.timings.phase("build_index"):
             self.index = build_index(self.doc_emb, self.config.search)
-        self.duplicates = DuplicateFinder(
-            self.corpus.normalized_keys,
-            self.doc_emb,
-            self.index,
-            self.config.select.dup_threshold,
-            self.config.select.dup_neighbours,
-        )
+        self.duplicates = DuplicateFinder(self.corpus.normalized_keys)
 
     @property
     def fingerprint(self) -> str:
@@ -383,6 +379,8 @@ class Miner:
         judged_ptr: npt.NDArray[np.int64] | None,
         judged_ids: npt.NDArray[np.int64] | None,
         timings: Timings,
+        *,
+        excluded_positives: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
     ) -> tuple[Negatives, SelectionStats]:
         with timings.phase("encode_queries"):
             q_emb = self.encoder.encode(list(query_texts), kind="query")
@@ -402,6 +400,7 @@ class Miner:
                 config=self.config.select,
                 judged_indptr=judged_ptr,
                 judged_ids=judged_ids,
+                excluded_positives=excluded_positives,
             )
 
     def mine(
@@ -430,7 +429,8 @@ class Miner:
         pos_ptr, pos_rows = self._rows_csr(positives)
         j_ptr, j_rows = self._rows_csr(judged_negatives) if judged_negatives is not None else (None, None)
         keys = np.array([_text_key(t) for t in queries], dtype=np.int64)
-        negatives, stats = self._mine_rows(ids, queries, keys, pos_ptr, pos_rows, j_ptr, j_rows, self.timings)
+        negatives, stats = self._mine_rows(ids, queries, keys, pos_ptr, pos_rows, j_ptr, j_rows, self.timings,
+                                           excluded_positives=same_text_positives(keys, pos_ptr, pos_rows))
         doc_ids = [[self.corpus.ids[d] for d in row if d >= 0] for row in negatives.ids.tolist()]
         doc_texts = [[self.corpus.texts[d] for d in row if d >= 0] for row in negatives.ids.tolist()]
         return MinedBatch(negatives, stats, doc_ids, doc_texts)

@@ -6,15 +6,21 @@ loop, the batch CLI, or a worker that holds one shard of queries.
 For query q with positives P (grade > 0) and reference score ``s = min(sim(q, p) for p in P)``:
 
 * ceiling ``= min(max_score, s - absolute_margin, s - relative_margin * |s|)`` (sign-aware);
-* excluded: every positive, the query's own document (same id or same normalised text), documents whose
-  normalised text equals a positive's, near-duplicates of a positive (``sim(doc, p) >= dup_threshold``);
+* excluded: every positive (and the positives of other queries with the same normalised text), the query's
+  own document (same id or same normalised text), documents whose normalised text equals a positive's,
+  near-duplicates of a positive (``sim(doc, p) >= dup_threshold``);
 * judged non-relevant documents (grade 0) stay valid, and ``prefer_judged`` takes them first;
 * ranks count valid candidates (0 = hardest); negatives come from ranks ``[range_min, range_max)`` by
   ``top``, ``random`` (seeded per query id) or ``spread`` sampling.
 
+Near-duplicates are found among the candidates, not in the whole corpus: the search over-fetches a few
+candidates past ``range_max``, each candidate is compared with the query's positives (one dot product per
+pair), and queries that lose too many are searched again deeper. That costs ``O(candidates x positives)``
+instead of a second corpus-wide search per positive.
+
 Every skipped candidate is counted by reason: an excluded document is counted when it scored at least as
 high as the last valid candidate of the pool (it took a place a negative would have had); documents above
-the ceiling are all counted.
+the ceiling are all counted (a near-duplicate above the ceiling counts as above the ceiling).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from miner.config import SelectConfig
-from miner.search import Index
+from miner.search import Index, SearchResult
 
 __all__ = [
     "REASONS",
@@ -36,6 +42,8 @@ __all__ = [
     "Summary",
     "SelectionStats",
     "DuplicateFinder",
+    "same_text_positives",
+    "near_duplicate_mask",
     "reference_scores",
     "ceilings",
     "build_exclusions",
@@ -198,24 +206,15 @@ def ceilings(reference: F32, config: SelectConfig) -> F32:
 
 
 class DuplicateFinder:
-    """Exact-text and near-duplicate lookups over one corpus.
+    """Exact-text lookups over one corpus: which documents share a normalised text.
 
     Args:
         text_keys: int64[N] hashes of each document's normalised text.
-        docs: float32[N, d] document embeddings.
-        index: the search index over ``docs`` (used for near-duplicates).
-        threshold: near-duplicate similarity; ``None`` disables near-duplicate search.
-        neighbours: nearest documents checked per positive.
     """
 
-    def __init__(self, text_keys: I64, docs: F32, index: Index, threshold: float | None, neighbours: int) -> None:
+    def __init__(self, text_keys: I64) -> None:
         self.order = np.argsort(text_keys, kind="stable")
         self.sorted_keys = text_keys[self.order]
-        self.docs = docs
-        self.index = index
-        self.threshold = threshold
-        self.neighbours = neighbours
-        self._near: dict[int, I64] = {}
 
     def same_text(self, keys: npt.ArrayLike) -> list[I64]:
         """For each key, the documents whose normalised text has that key."""
@@ -224,19 +223,58 @@ class DuplicateFinder:
         hi = np.searchsorted(self.sorted_keys, keys, side="right")
         return [self.order[a:b] for a, b in zip(lo, hi)]
 
-    def near(self, doc_ids: I64) -> list[I64]:
-        """For each document, the other documents with similarity >= threshold (memoised)."""
-        if self.threshold is None:
-            return [np.zeros(0, dtype=np.int64) for _ in doc_ids]
-        todo = np.unique(np.array([d for d in doc_ids if int(d) not in self._near], dtype=np.int64))
-        if len(todo):
-            k = min(self.neighbours + 1, self.index.n_docs)
-            floor = np.full(len(todo), self.threshold, dtype=np.float32)
-            found = self.index.search(np.ascontiguousarray(self.docs[todo]), k, floor=floor)
-            for doc, ids in zip(todo.tolist(), found.ids):
-                ids = ids[(ids >= 0) & (ids != doc)]
-                self._near[doc] = ids
-        return [self._near[int(d)] for d in doc_ids]
+
+def same_text_positives(query_keys: I64, pos_indptr: I64, pos_ids: I64) -> tuple[I64, I64]:
+    """CSR of the positives of every query that shares each query's normalised text (its own included).
+
+    Datasets repeat a query under several ids with different judgements (SciFact train has such pairs); a
+    document relevant to one copy must not be mined as a negative of the other.
+
+    Example:
+        >>> ptr, ids = same_text_positives(np.array([7, 7, 3]), np.array([0, 1, 2, 3]), np.array([10, 11, 12]))
+        >>> ptr.tolist(), ids.tolist()
+        ([0, 2, 4, 5], [10, 11, 10, 11, 12])
+    """
+    n = len(query_keys)
+    counts = np.diff(pos_indptr)
+    if n == 0 or len(np.unique(query_keys)) == n:
+        return pos_indptr.astype(np.int64), pos_ids.astype(np.int64)
+    _, group = np.unique(query_keys, return_inverse=True)
+    rows = np.repeat(np.arange(n), counts)
+    pairs = np.unique(np.stack([group[rows], pos_ids]), axis=1)  # (group, doc), sorted by group then doc
+    g_ptr = np.searchsorted(pairs[0], np.arange(group.max() + 2))
+    lengths = np.diff(g_ptr)[group]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(lengths)
+    ids = np.concatenate([pairs[1, g_ptr[g] : g_ptr[g + 1]] for g in group]) if indptr[-1] else pos_ids[:0]
+    return indptr, ids.astype(np.int64)
+
+
+def near_duplicate_mask(
+    pool_ids: I64, docs: F32, pos_indptr: I64, pos_ids: I64, threshold: float, *, chunk: int = 256
+) -> npt.NDArray[np.bool_]:
+    """bool[q, K]: which pool candidates have similarity ``>= threshold`` with one of their query's positives.
+
+    Args:
+        pool_ids: int64[q, K] candidate rows, ``-1`` padded (padding is never a near-duplicate).
+        docs: float32[N, d] document embeddings (similarity is their inner product).
+        pos_indptr, pos_ids: CSR of each query's positive rows.
+        chunk: queries per gather (bounds the ``chunk x K x d`` candidate buffer).
+    """
+    q, k = pool_ids.shape
+    mask = np.zeros((q, k), dtype=bool)
+    counts = np.diff(pos_indptr)
+    for lo in range(0, q, chunk):
+        rows = lo + np.flatnonzero(counts[lo : lo + chunk] > 0)
+        if not len(rows):
+            continue
+        candidates = docs[np.maximum(pool_ids[rows], 0)]  # float32[r, K, d]
+        for j in range(int(counts[rows].max())):
+            has = counts[rows] > j
+            positive = docs[pos_ids[pos_indptr[rows[has]] + j]]  # float32[r', d]
+            sims = np.matmul(candidates[has], positive[:, :, None])[:, :, 0]
+            mask[rows[has]] |= sims >= threshold
+    return mask & (pool_ids >= 0)
 
 
 def build_exclusions(
@@ -252,6 +290,8 @@ def build_exclusions(
 ) -> tuple[I64, I64, npt.NDArray[np.int8]]:
     """Per-query excluded documents as CSR ``(indptr, ids, reason)``; ``reason`` indexes :data:`REASONS`.
 
+    Near-duplicates are not listed here: :func:`mine_batch` finds them among the search's candidates.
+
     Args:
         query_ids, query_keys: ids and normalised-text keys of the batch's queries.
         pos_indptr, pos_ids: CSR of each query's positive corpus rows.
@@ -259,9 +299,8 @@ def build_exclusions(
         doc_keys: int64[N] normalised-text keys of the corpus.
     """
     own_by_text = duplicates.same_text(query_keys) if exclude_own_document else None
-    all_pos = pos_ids
-    near = dict(zip(np.unique(all_pos).tolist(), duplicates.near(np.unique(all_pos))))
-    same = dict(zip(np.unique(all_pos).tolist(), duplicates.same_text(doc_keys[np.unique(all_pos)])))
+    unique_pos = np.unique(pos_ids)
+    same = dict(zip(unique_pos.tolist(), duplicates.same_text(doc_keys[unique_pos])))
     rows_ids: list[I64] = []
     rows_reason: list[npt.NDArray[np.int8]] = []
     for r, qid in enumerate(query_ids):
@@ -275,7 +314,6 @@ def build_exclusions(
         pos_list = positives.tolist()
         if pos_list:
             parts.append((2, np.concatenate([same[p] for p in pos_list])))
-            parts.append((3, np.concatenate([near[p] for p in pos_list])))
         ids = np.concatenate([ids for _, ids in parts]).astype(np.int64)
         reason = np.concatenate([np.full(len(ids_), code, dtype=np.int8) for code, ids_ in parts])
         ids, first = np.unique(ids, return_index=True)  # first occurrence = highest-priority reason
@@ -286,6 +324,78 @@ def build_exclusions(
     ids_all = np.concatenate(rows_ids) if rows_ids else np.zeros(0, dtype=np.int64)
     reasons_all = np.concatenate(rows_reason) if rows_reason else np.zeros(0, dtype=np.int8)
     return indptr, ids_all.astype(np.int64), reasons_all
+
+
+def _csr_rows(indptr: I64, ids: I64, rows: I64) -> tuple[I64, I64]:
+    """The CSR of ``rows`` only."""
+    counts = np.diff(indptr)[rows]
+    sub = np.zeros(len(rows) + 1, dtype=np.int64)
+    sub[1:] = np.cumsum(counts)
+    take = np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in rows]) if sub[-1] else np.zeros(0, np.int64)
+    return sub, ids[take]
+
+
+def _search_without_near_duplicates(
+    q_emb: F32,
+    k: int,
+    *,
+    index: Index,
+    docs: F32,
+    ceiling: F32 | None,
+    floor: F32 | None,
+    exclude: tuple[I64, I64],
+    positives: tuple[I64, I64],
+    threshold: float,
+) -> tuple[SearchResult, I64, F32]:
+    """The top ``k`` valid candidates with near-duplicates of the positives dropped.
+
+    Over-fetches ``k + max(8, k // 4)`` candidates, drops near-duplicates and searches the queries that
+    kept fewer than ``k`` deeper (doubling) until they have ``k`` or the corpus is exhausted.
+
+    Returns:
+        ``(result, near_rows, near_scores)``: the search result cut to ``k``, and the query row and score
+        of every near-duplicate dropped from a pool.
+    """
+    n_q = q_emb.shape[0]
+    out_scores, out_ids = np.full((n_q, k), -np.inf, dtype=np.float32), np.full((n_q, k), -1, dtype=np.int64)
+    above = np.zeros(n_q, dtype=np.int64)
+    near_rows: list[I64] = []
+    near_scores: list[F32] = []
+    todo = np.arange(n_q)
+    depth = min(index.n_docs, k + max(8, k // 4))
+    while len(todo):
+        every = len(todo) == n_q
+        sub_exclude = exclude if every else _csr_rows(*exclude, todo)
+        sub_pos = positives if every else _csr_rows(*positives, todo)
+        pool = index.search(
+            q_emb if every else np.ascontiguousarray(q_emb[todo]),
+            depth,
+            ceiling=None if ceiling is None else ceiling[todo],
+            floor=None if floor is None else floor[todo],
+            exclude=sub_exclude,
+        )
+        near = near_duplicate_mask(pool.ids, docs, *sub_pos, threshold)
+        keep = (pool.ids >= 0) & ~near
+        enough = keep.sum(axis=1) >= k
+        exhausted = (pool.ids[:, -1] < 0) | (depth >= index.n_docs)
+        done = enough | exhausted
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept candidates first, in pool order
+        ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(pool.ids, order, 1), -1)
+        scores = np.where(ids >= 0, np.take_along_axis(pool.scores, order, 1), -np.inf).astype(np.float32)
+        rows = todo[done]
+        width = ids.shape[1]  # < k where the corpus is smaller than k
+        out_ids[rows, :width], out_scores[rows, :width] = ids[done], scores[done]
+        above[rows] = pool.above_ceiling[done]
+        near_r, near_c = np.nonzero(near & done[:, None])
+        near_rows.append(todo[near_r])
+        near_scores.append(pool.scores[near_r, near_c])
+        todo = todo[~done]
+        depth = min(index.n_docs, depth * 2)
+    return (
+        SearchResult(out_scores, out_ids, above),
+        np.concatenate(near_rows).astype(np.int64),
+        np.concatenate(near_scores).astype(np.float32),
+    )
 
 
 def _query_rng(seed: int, query_id: str) -> np.random.Generator:
@@ -358,23 +468,26 @@ def mine_batch(
     config: SelectConfig,
     judged_indptr: I64 | None = None,
     judged_ids: I64 | None = None,
+    excluded_positives: tuple[I64, I64] | None = None,
 ) -> tuple[Negatives, SelectionStats]:
     """Mine negatives for one batch of queries: ceilings, exclusions, fused search, selection, statistics.
 
     Args:
         q_emb: float32[q, d] query embeddings.
-        pos_indptr, pos_ids: CSR of positive corpus rows per query.
+        pos_indptr, pos_ids: CSR of positive corpus rows per query (they set the ceiling).
         docs: float32[N, d] document embeddings; ``index`` searches them.
         judged_indptr, judged_ids: CSR of judged non-relevant corpus rows per query (grade 0).
+        excluded_positives: CSR of the documents to exclude *as positives* (with their same-text copies and
+            near-duplicates), e.g. from :func:`same_text_positives`; default ``(pos_indptr, pos_ids)``.
     """
     n_q = len(query_ids)
     pos_scores, reference = reference_scores(q_emb, docs, pos_indptr, pos_ids)
     ceiling = ceilings(reference, config)
+    ex_pos = excluded_positives if excluded_positives is not None else (pos_indptr, pos_ids)
     ex_ptr, ex_ids, ex_reason = build_exclusions(
         query_ids,
         query_keys,
-        pos_indptr,
-        pos_ids,
+        *ex_pos,
         doc_index=doc_index,
         doc_keys=doc_keys,
         duplicates=duplicates,
@@ -382,9 +495,16 @@ def mine_batch(
     )
     floor = None if config.min_score is None else np.full(n_q, config.min_score, dtype=np.float32)
     has_ceiling = bool(np.isfinite(ceiling).any())
-    pool = index.search(
-        q_emb, config.range_max, ceiling=ceiling if has_ceiling else None, floor=floor, exclude=(ex_ptr, ex_ids)
-    )
+    if config.dup_threshold is None:
+        pool = index.search(
+            q_emb, config.range_max, ceiling=ceiling if has_ceiling else None, floor=floor, exclude=(ex_ptr, ex_ids)
+        )
+        near_rows, near_scores = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    else:
+        pool, near_rows, near_scores = _search_without_near_duplicates(
+            q_emb, config.range_max, index=index, docs=docs, ceiling=ceiling if has_ceiling else None, floor=floor,
+            exclude=(ex_ptr, ex_ids), positives=ex_pos, threshold=config.dup_threshold,
+        )
 
     stats = SelectionStats(queries=n_q)
     # Excluded documents that took a place in the pool: score >= the pool's last valid score.
@@ -395,8 +515,9 @@ def mine_batch(
     passed = ex_scores >= last[ex_rows]
     if floor is not None:
         passed &= ex_scores >= floor[ex_rows]
-    for code, reason in enumerate(REASONS):
+    for code, reason in enumerate(REASONS[:-1]):
         stats.skipped[reason] = int(np.count_nonzero(passed & (ex_reason == code)))
+    stats.skipped["near_duplicate"] = int(np.count_nonzero(near_scores >= last[near_rows]))
     ex_above = np.bincount(ex_rows[ex_scores > ceiling[ex_rows]], minlength=n_q)
     stats.skipped["above_ceiling"] = int((pool.above_ceiling - ex_above).clip(min=0).sum())
 

@@ -7,8 +7,15 @@ import pytest
 
 from miner.config import SearchConfig, SelectConfig
 from miner.data import Corpus
-from miner.search import ExactIndex
-from miner.select import DuplicateFinder, build_exclusions, ceilings, mine_batch, select_negatives
+from miner.search import ExactIndex, FaissIndex
+from miner.select import (
+    DuplicateFinder,
+    build_exclusions,
+    ceilings,
+    mine_batch,
+    same_text_positives,
+    select_negatives,
+)
 
 
 def test_ceilings_are_sign_aware_and_take_the_minimum() -> None:
@@ -43,7 +50,7 @@ IDS = ["p", "d1", "d2", "d3", "d4", "d5", "dup", "near", "q1"]
 def _mine(config: SelectConfig, query_texts: list[str] | None = None):
     corpus = Corpus(IDS, TEXTS)
     index = ExactIndex(DOCS, SearchConfig(doc_block_size=4))  # several blocks on purpose
-    dups = DuplicateFinder(corpus.normalized_keys, DOCS, index, config.dup_threshold, config.dup_neighbours)
+    dups = DuplicateFinder(corpus.normalized_keys)
     q = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
     from miner.data import _text_key
 
@@ -119,7 +126,7 @@ def test_everything_excluded_gives_no_negatives() -> None:
     docs = np.eye(3, dtype=np.float32)
     corpus = Corpus(["a", "b", "c"], ["x", "y", "z"])
     index = ExactIndex(docs)
-    dups = DuplicateFinder(corpus.normalized_keys, docs, index, 0.95, 4)
+    dups = DuplicateFinder(corpus.normalized_keys)
     neg, stats = mine_batch(
         np.ones((1, 3), dtype=np.float32),
         ["q"],
@@ -179,15 +186,14 @@ def test_prefer_judged_takes_judged_negatives_first() -> None:
 
 def test_build_exclusions_priority() -> None:
     corpus = Corpus(IDS, TEXTS)
-    index = ExactIndex(DOCS)
-    dups = DuplicateFinder(corpus.normalized_keys, DOCS, index, 0.95, 8)
+    dups = DuplicateFinder(corpus.normalized_keys)
     ptr, ids, reason = build_exclusions(
         ["q1"], np.zeros(1, dtype=np.int64), np.array([0, 1]), np.array([0]),
         doc_index=corpus.index, doc_keys=corpus.normalized_keys, duplicates=dups,
     )
     got = dict(zip(ids.tolist(), reason.tolist()))
-    assert got == {0: 0, 8: 1, 6: 2, 7: 3}
-    assert ptr.tolist() == [0, 4]
+    assert got == {0: 0, 8: 1, 6: 2}  # near-duplicates are found among the candidates, not listed here
+    assert ptr.tolist() == [0, 3]
 
 
 @pytest.mark.parametrize("bad", [{"range_min": 5, "range_max": 5}, {"num_negatives": 0}, {"sampling": "best"},
@@ -196,3 +202,64 @@ def test_bad_settings_are_rejected_with_the_value(bad: dict) -> None:
     with pytest.raises(ValueError) as err:
         SelectConfig(**bad)
     assert any(str(v) in str(err.value) for v in bad.values())
+
+
+def _oracle(q_emb, docs, pos, config, extra_pos=None):
+    """Brute force over the whole corpus: the top range_max valid ids per query, ties to the lower id."""
+    out = []
+    for r, positives in enumerate(pos):
+        excluded = set(positives) | set(extra_pos[r] if extra_pos else [])
+        scores = docs @ q_emb[r]
+        ref = min(scores[p] for p in positives)
+        ceiling = np.inf if config.relative_margin is None else ref - config.relative_margin * abs(ref)
+        near = (docs @ docs[sorted(excluded)].T >= config.dup_threshold).any(axis=1)
+        valid = [i for i in range(len(docs)) if i not in excluded and not near[i] and scores[i] <= ceiling]
+        valid.sort(key=lambda i: (-scores[i], i))
+        out.append(valid[: config.range_max])
+    return out
+
+
+@pytest.mark.parametrize("index_kind", ["exact", "flat"])
+@pytest.mark.parametrize("seed", range(4))
+def test_near_duplicates_among_candidates_match_a_corpus_wide_oracle(seed: int, index_kind: str) -> None:
+    """Positives with many near-copies close to the query: the pool loses them and must be refetched deeper."""
+    rng = np.random.default_rng(seed)
+    d, n_q = 16, 6
+    base = rng.standard_normal((60, d)).astype(np.float32)
+    pos_vecs = rng.standard_normal((n_q, d)).astype(np.float32)
+    copies = np.repeat(pos_vecs, 12, axis=0) + 0.05 * rng.standard_normal((n_q * 12, d)).astype(np.float32)
+    docs = np.vstack([base, pos_vecs, copies])
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    q_emb = docs[60 : 60 + n_q] + 0.6 * rng.standard_normal((n_q, d)).astype(np.float32)
+    q_emb /= np.linalg.norm(q_emb, axis=1, keepdims=True)
+    q_emb = q_emb.astype(np.float32)
+    pos = [[60 + r] for r in range(n_q)]
+    config = SelectConfig(num_negatives=5, range_max=8, relative_margin=None if seed % 2 else 0.0, dup_threshold=0.95)
+    corpus = Corpus([f"d{i}" for i in range(len(docs))], [f"text {i}" for i in range(len(docs))])
+    index = ExactIndex(docs, SearchConfig(doc_block_size=32)) if index_kind == "exact" else FaissIndex(docs, "flat")
+    neg, stats = mine_batch(
+        q_emb, [f"q{r}" for r in range(n_q)], np.arange(n_q, dtype=np.int64),
+        np.arange(n_q + 1, dtype=np.int64), np.array([p[0] for p in pos], dtype=np.int64),
+        docs=docs, index=index, doc_index=corpus.index, doc_keys=corpus.normalized_keys,
+        duplicates=DuplicateFinder(corpus.normalized_keys), config=config,
+    )
+    expected = _oracle(q_emb, docs, pos, config)
+    assert neg.ids.tolist() == [row[:5] + [-1] * (5 - len(row[:5])) for row in expected]
+    assert stats.skipped["near_duplicate"] > 0  # the copies did crowd the pools
+
+
+def test_positives_of_a_same_text_query_are_excluded() -> None:
+    # Two ids with one text: q1's positive is 0, q2's positive is 2 (score 0.85, the best candidate otherwise).
+    ptr, ids = same_text_positives(np.array([5, 5], dtype=np.int64), np.array([0, 1, 2]), np.array([0, 2]))
+    assert ptr.tolist() == [0, 2, 4] and ids.tolist() == [0, 2, 0, 2]
+    corpus = Corpus(IDS, TEXTS)
+    q = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float32)
+    common = dict(docs=DOCS, index=ExactIndex(DOCS), doc_index=corpus.index, doc_keys=corpus.normalized_keys,
+                  duplicates=DuplicateFinder(corpus.normalized_keys), config=SelectConfig(num_negatives=2))
+    args = (q, ["x1", "x2"], np.array([5, 5], dtype=np.int64), np.array([0, 1, 2]), np.array([0, 2]))
+    alone, _ = mine_batch(*args, **common)
+    assert 2 in alone.ids[0].tolist()  # without pooling, q1 gets q2's positive as a negative
+    pooled, stats = mine_batch(*args, **common, excluded_positives=(ptr, ids))
+    assert 2 not in pooled.ids.ravel().tolist() and 0 not in pooled.ids.ravel().tolist()
+    assert stats.skipped["positive"] == 4
+    np.testing.assert_array_equal(pooled.reference, alone.reference)  # the ceiling stays the query's own
