@@ -60,18 +60,7 @@ def _add_mining_flags(p: argparse.ArgumentParser, *, demo: bool) -> None:
     g.add_argument("--prefer-judged", action="store_true", help="take judged non-relevant documents (grade 0) first")
     g.add_argument("--keep-own-document", action="store_true",
                    help="do not exclude the document with the query's id or text")
-    e = p.add_argument_group("encoding and search")
-    e.add_argument("--model", default="default",
-                   help="sentence-transformers model name or local folder (default: all-MiniLM-L6-v2)")
-    e.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default %(default)s)")
-    e.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    _add_speed_flags(e)
-    e.add_argument("--query-prompt", default="", help="text prepended to queries (e.g. 'query: ')")
-    e.add_argument("--document-prompt", default="", help="text prepended to documents (e.g. 'passage: ')")
-    e.add_argument("--cache-dir", default=None, help="embedding cache (default $MINER_CACHE_DIR or ~/.cache/miner)")
-    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    e.add_argument("--index", default="auto",
-                   help="exact, flat, ivf, hnsw, auto (exact up to 2M documents) or a faiss factory string")
+    e = _add_encoding_flags(p, title="encoding and search", index_default="auto")
     e.add_argument("--query-batch-size", type=int, default=1024, help="queries per batch and per output part")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="miner-demo/triplets.parquet" if demo else None, required=not demo,
@@ -81,7 +70,6 @@ def _add_mining_flags(p: argparse.ArgumentParser, *, demo: bool) -> None:
     o.add_argument("--no-texts", action="store_true", help="write ids, scores and ranks only")
     o.add_argument("--columns", choices=["miner", "sentence-transformers"], default="miner",
                    help="'sentence-transformers': trainer-ready columns, ids and scores in a .meta file beside")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, no summary table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +123,9 @@ def _encoding_speed(args: argparse.Namespace) -> dict[str, Any]:
     return {"precision": args.precision, "token_budget": args.token_budget, "dedupe": not args.no_dedupe}
 
 
-def _add_encoding_flags(p: argparse.ArgumentParser) -> None:
-    e = p.add_argument_group("encoding")
+def _add_encoding_flags(p: argparse.ArgumentParser, *, title: str = "encoding", index_default: str = "exact") -> Any:
+    """The encoder, cache and index flags every subcommand shares (and ``--quiet``); returns their group."""
+    e = p.add_argument_group(title)
     e.add_argument("--model", default="default",
                    help="sentence-transformers model name or local folder (default: all-MiniLM-L6-v2)")
     e.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch (default %(default)s)")
@@ -146,8 +135,11 @@ def _add_encoding_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--document-prompt", default="", help="text prepended to documents (e.g. 'passage: ')")
     e.add_argument("--cache-dir", default=None, help="embedding cache (default $MINER_CACHE_DIR or ~/.cache/miner)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    e.add_argument("--index", default="exact", help="exact, flat, ivf, hnsw or a faiss factory string (default exact)")
+    e.add_argument("--index", default=index_default,
+                   help="exact, flat, ivf, hnsw, auto (exact up to 2M documents) or a faiss factory string "
+                        "(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no summary table")
+    return e
 
 
 def _encode_config(args: argparse.Namespace) -> Any:
@@ -212,25 +204,15 @@ def _add_evaluate_parser(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from miner.config import EncodeConfig, MineConfig, OutputConfig, SearchConfig, SelectConfig
-    from miner.encode import default_cache_dir
+    from miner.config import MineConfig, OutputConfig, SearchConfig, SelectConfig
     from miner.errors import ConfigError
 
     out = Path(args.out)
     suffix = out.suffix.lower()
     if suffix not in {".parquet", ".jsonl"}:
         raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name!r}")
-    cache = None if args.no_cache else str(args.cache_dir or default_cache_dir())
     return MineConfig(
-        encode=EncodeConfig(
-            model=args.model,
-            batch_size=args.batch_size,
-            device=args.device,
-            query_prompt=args.query_prompt,
-            document_prompt=args.document_prompt,
-            cache_dir=cache,
-            **_encoding_speed(args),
-        ),
+        encode=_encode_config(args),
         search=SearchConfig(index=args.index, query_batch_size=args.query_batch_size),
         select=SelectConfig(
             num_negatives=args.num_negatives,

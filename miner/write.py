@@ -199,6 +199,9 @@ def _write_table(path: Path, cols: Columns, types: dict[str, str], file_format: 
 
 
 def _concat(parts: list[Path], dest: Path, file_format: str) -> None:
+    if len(parts) == 1:  # one part is already the file: move it instead of copying
+        os.replace(parts[0], dest)
+        return
     tmp = dest.with_name(dest.name + ".tmp")
     if file_format == "parquet":
         import pyarrow.parquet as pq
