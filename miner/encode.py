@@ -96,7 +96,7 @@ def model_fingerprint(model: SentenceTransformer) -> str:
         for name, tensor in sorted(model.state_dict().items()):
             flat = tensor.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
+            digest.update(flat.view(torch.uint8).numpy())  # the buffer itself: no copy
     return digest.hexdigest()
 
 
