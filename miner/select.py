@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from miner import topk
 from miner.config import SelectConfig
 from miner.search import Index, SearchResult
 
@@ -250,31 +251,15 @@ def same_text_positives(query_keys: I64, pos_indptr: I64, pos_ids: I64) -> tuple
     return indptr, ids.astype(np.int64)
 
 
-def near_duplicate_mask(
-    pool_ids: I64, docs: F32, pos_indptr: I64, pos_ids: I64, threshold: float, *, chunk: int = 256
-) -> npt.NDArray[np.bool_]:
+def near_duplicate_mask(pool_ids: I64, docs: F32, pos_indptr: I64, pos_ids: I64, threshold: float) -> npt.NDArray[np.bool_]:
     """bool[q, K]: which pool candidates have similarity ``>= threshold`` with one of their query's positives.
 
     Args:
         pool_ids: int64[q, K] candidate rows, ``-1`` padded (padding is never a near-duplicate).
         docs: float32[N, d] document embeddings (similarity is their inner product).
         pos_indptr, pos_ids: CSR of each query's positive rows.
-        chunk: queries per gather (bounds the ``chunk x K x d`` candidate buffer).
     """
-    q, k = pool_ids.shape
-    mask = np.zeros((q, k), dtype=bool)
-    counts = np.diff(pos_indptr)
-    for lo in range(0, q, chunk):
-        rows = lo + np.flatnonzero(counts[lo : lo + chunk] > 0)
-        if not len(rows):
-            continue
-        candidates = docs[np.maximum(pool_ids[rows], 0)]  # float32[r, K, d]
-        for j in range(int(counts[rows].max())):
-            has = counts[rows] > j
-            positive = docs[pos_ids[pos_indptr[rows[has]] + j]]  # float32[r', d]
-            sims = np.matmul(candidates[has], positive[:, :, None])[:, :, 0]
-            mask[rows[has]] |= sims >= threshold
-    return mask & (pool_ids >= 0)
+    return topk.candidate_similarity(docs, pool_ids, pos_indptr, pos_ids) >= threshold
 
 
 def build_exclusions(

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["backend_info", "merge_topk", "new_state", "update_topk"]
+__all__ = ["backend_info", "candidate_similarity", "merge_topk", "new_state", "update_topk"]
 
 BACKEND_ENV = "MINER_BACKEND"
 THREADS_ENV = "MINER_NUM_THREADS"
@@ -58,6 +58,7 @@ class _Backend:
     threads: int
     update: Callable[..., None]
     merge: Callable[..., tuple[np.ndarray, np.ndarray]]
+    similarity: Callable[..., np.ndarray]
 
 
 @functools.cache
@@ -97,7 +98,7 @@ def _backend(name: str | None = None) -> _Backend:
     if name not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(_BACKENDS)}; got {name!r}")
     if name == "numpy":
-        return _Backend("numpy", f"{BACKEND_ENV}=numpy", 1, _update_numpy, _merge_numpy)
+        return _Backend("numpy", f"{BACKEND_ENV}=numpy", 1, _update_numpy, _merge_numpy, _similarity_numpy)
     module, missing = _compiled_module()
     if module is None:
         if name == "compiled":
@@ -106,10 +107,12 @@ def _backend(name: str | None = None) -> _Backend:
                 "`pip install --no-build-isolation -e .` (needs CMake and a C++17 compiler), "
                 f"or set {BACKEND_ENV}=numpy to use the numpy fallback."
             )
-        return _Backend("numpy", missing, 1, _update_numpy, _merge_numpy)
+        return _Backend("numpy", missing, 1, _update_numpy, _merge_numpy, _similarity_numpy)
     reason = f"{BACKEND_ENV}=compiled" if name == "compiled" else "miner._topk is importable"
     reason += f" (scan: {_scan_isa(module)})"
-    return _Backend("compiled", reason, _threads(), module.update_topk, module.merge_topk)
+    return _Backend(
+        "compiled", reason, _threads(), module.update_topk, module.merge_topk, module.candidate_similarity
+    )
 
 
 def backend_info() -> dict[str, object]:
@@ -240,6 +243,67 @@ def merge_topk(
     ids = np.ascontiguousarray(np.concatenate(ids_parts, axis=1), dtype=np.int64)
     backend = _backend()
     return backend.merge(vals, ids, k, backend.threads)
+
+
+def candidate_similarity(
+    docs: npt.ArrayLike, candidates: npt.ArrayLike, pos_indptr: npt.ArrayLike, pos_ids: npt.ArrayLike
+) -> npt.NDArray[np.float32]:
+    """Each candidate's highest similarity to its query's positives (the near-duplicate check).
+
+    Args:
+        docs: float32[N, d] document embeddings (similarity is the inner product).
+        candidates: int64[q, K] document rows per query, ``-1`` padded.
+        pos_indptr, pos_ids: CSR of each query's positive rows.
+
+    Returns:
+        ``float32[q, K]``: ``max over p of docs[candidates[i, c]] . docs[p]``; ``-inf`` for padding and
+        for queries without positives.
+
+    Example:
+        >>> docs = np.eye(3, dtype=np.float32)
+        >>> candidate_similarity(docs, np.array([[1, 2, -1]]), np.array([0, 1]), np.array([1])).tolist()
+        [[1.0, 0.0, -inf]]
+    """
+    docs = np.ascontiguousarray(docs, dtype=np.float32)
+    candidates = np.ascontiguousarray(candidates, dtype=np.int64)
+    pos_indptr = np.ascontiguousarray(pos_indptr, dtype=np.int64)
+    pos_ids = np.ascontiguousarray(pos_ids, dtype=np.int64)
+    if docs.ndim != 2 or candidates.ndim != 2:
+        raise ValueError(f"docs and candidates must be 2-D, got shapes {docs.shape} and {candidates.shape}")
+    if pos_indptr.shape != (candidates.shape[0] + 1,):
+        raise ValueError(f"pos_indptr must have shape ({candidates.shape[0] + 1},), got {pos_indptr.shape}")
+    backend = _backend()
+    return backend.similarity(docs, candidates, pos_indptr, pos_ids, backend.threads)
+
+
+def _similarity_numpy(
+    docs: npt.NDArray[np.float32],
+    candidates: npt.NDArray[np.int64],
+    pos_indptr: npt.NDArray[np.int64],
+    pos_ids: npt.NDArray[np.int64],
+    threads: int,
+    chunk: int = 256,
+) -> npt.NDArray[np.float32]:
+    del threads
+    n, q, k = docs.shape[0], candidates.shape[0], candidates.shape[1]
+    if len(pos_ids) and (pos_ids.min() < 0 or pos_ids.max() >= n):
+        raise ValueError(f"pos_ids must lie in 0..{n - 1}")
+    if candidates.size and candidates.max() >= n:
+        raise ValueError(f"candidate ids must lie in 0..{n - 1} (or be -1)")
+    out = np.full((q, k), -np.inf, dtype=np.float32)
+    counts = np.diff(pos_indptr)
+    for lo in range(0, q, chunk):  # bounds the gathered chunk x K x d candidate buffer
+        rows = lo + np.flatnonzero(counts[lo : lo + chunk] > 0)
+        if not len(rows):
+            continue
+        gathered = docs[np.maximum(candidates[rows], 0)]  # float32[r, K, d]
+        for j in range(int(counts[rows].max())):
+            has = counts[rows] > j
+            positive = docs[pos_ids[pos_indptr[rows[has]] + j]]  # float32[r', d]
+            sims = np.matmul(gathered[has], positive[:, :, None])[:, :, 0]
+            out[rows[has]] = np.maximum(out[rows[has]], sims)
+    out[candidates < 0] = -np.inf
+    return out
 
 
 # --- validation ----------------------------------------------------------------------------------

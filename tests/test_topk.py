@@ -488,3 +488,38 @@ def test_compiled_kernel_is_present_when_required():
         pytest.skip("only checked when MINER_BACKEND=compiled")
     info = topk.backend_info()
     assert info["backend"] == "compiled", info
+
+
+# --- candidate_similarity (the near-duplicate check) ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_candidate_similarity_matches_a_plain_loop(backend: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, d, q, k = 50, int(rng.integers(1, 40)), 9, 7  # d not a multiple of 8 on purpose
+    docs = rng.standard_normal((n, d)).astype(np.float32)
+    cand = rng.integers(-1, n, size=(q, k))
+    counts = rng.integers(0, 4, size=q)  # some queries have no positives
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    pos = rng.integers(0, n, size=indptr[-1])
+    got = on(backend, topk.candidate_similarity, docs, cand, indptr, pos)
+    for i in range(q):
+        for c in range(k):
+            ps = pos[indptr[i] : indptr[i + 1]]
+            if cand[i, c] < 0 or not len(ps):
+                assert got[i, c] == -np.inf
+            else:
+                expected = max(float(docs[cand[i, c]].astype(np.float64) @ docs[p].astype(np.float64)) for p in ps)
+                assert got[i, c] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_candidate_similarity_rejects_ids_outside_the_corpus(backend: str) -> None:
+    docs = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="outside the corpus|must lie in"):
+        on(backend, topk.candidate_similarity, docs, np.array([[0, 3]]), np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match="outside the corpus|must lie in"):
+        on(backend, topk.candidate_similarity, docs, np.array([[0, 1]]), np.array([0, 1]), np.array([5]))
+    with pytest.raises(ValueError, match="pos_indptr"):
+        on(backend, topk.candidate_similarity, docs, np.array([[0, 1]]), np.array([0]), np.array([0]))
