@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,21 +49,10 @@ SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     from miner.precision import cpu_flags
 
     simd = sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "avx512_vnni", "amx")))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    return f"{cpu} ({', '.join(simd) or 'no bf16/vnni/amx'}), {cores} cores{mem}, {platform.system()} {platform.release()}"
+    return describe(", ".join(simd) or "no bf16/vnni/amx")
 
 
 def header() -> dict[str, Any]:

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel.md"
 
@@ -65,18 +66,7 @@ def backend(name: str) -> Iterator[None]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    return f"{cpu}, {cores} cores{mem}, {platform.system()} {platform.release()}"
+    return describe()
 
 
 def load() -> str:

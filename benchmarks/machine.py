@@ -1,0 +1,41 @@
+"""What machine a benchmark ran on, in one line or as a dict, for every script in this folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["cpu_name", "cores", "ram_gib", "describe"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cores() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def ram_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        return kb / 2**20
+    return None
+
+
+def describe(cpu_extra: str = "") -> str:
+    """``"<cpu> (<cpu_extra>), <n> cores, <m> GiB RAM, <os> <release>"``."""
+    ram = ram_gib()
+    mem = f", {ram:.0f} GiB RAM" if ram is not None else ""
+    cpu = f"{cpu_name()} ({cpu_extra})" if cpu_extra else cpu_name()
+    return f"{cpu}, {cores()} cores{mem}, {platform.system()} {platform.release()}"
