@@ -116,6 +116,18 @@ def test_dedupe_can_be_switched_off(model) -> None:
     np.testing.assert_allclose(got[0], got[3], atol=1e-6)
 
 
+def test_a_text_that_is_query_and_document_is_encoded_once(model, tmp_path: Path) -> None:
+    """Equal prompts share one cache namespace: a query equal to a document reuses the document's vector."""
+    enc = Encoder(EncodeConfig(precision="fp32", cache_dir=str(tmp_path)), model)
+    docs = enc.encode(TEXTS[:3], kind="document")
+    queries = enc.encode([TEXTS[1], "a query of its own"], kind="query")
+    assert enc.last_stats.cache_hits == 1 and enc.last_stats.encoded == 1
+    np.testing.assert_array_equal(queries[0], docs[1])
+    prompted = Encoder(EncodeConfig(precision="fp32", cache_dir=str(tmp_path), query_prompt="query: "), model)
+    prompted.encode([TEXTS[1]], kind="query")
+    assert prompted.last_stats.cache_hits == 0  # another prompt is another text
+
+
 def test_auto_resolves_to_a_real_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     concrete = set(prec.PRECISIONS) - {"auto"}
     assert prec.resolve_precision("auto", "cpu") in concrete
