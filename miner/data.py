@@ -164,8 +164,26 @@ class Dataset:
             )
 
 
+# ASCII whitespace as str.split() sees it (\x1c-\x1f included), mapped to a space.
+_ASCII_SPACES = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
+
+
+def _normalized_utf8(text: str) -> bytes:
+    """``normalize_text(text).encode()``, without splitting ASCII texts into words (2x faster on SciFact).
+
+    For ASCII, casefold is lower and str.split()'s whitespace is ``_ASCII_SPACES`` plus the space, so mapping
+    those to spaces, collapsing runs and stripping gives the same bytes.
+    """
+    if not text.isascii():
+        return normalize_text(text).encode("utf-8")
+    out = text.encode("ascii").lower().translate(_ASCII_SPACES)
+    while b"  " in out:
+        out = out.replace(b"  ", b" ")
+    return out.strip(b" ")
+
+
 def _text_key(text: str) -> int:
-    digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(_normalized_utf8(text), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 

@@ -9,9 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import DEMO, write_beir
-from miner.data import from_pairs, load_beir, load_data, load_pairs, normalize_text
+from miner.data import _normalized_utf8, _text_key, from_pairs, load_beir, load_data, load_pairs, normalize_text
 from miner.errors import DataError
 
 
@@ -134,3 +136,16 @@ def test_from_pairs_merges_repeated_queries() -> None:
 
 def test_normalize_text() -> None:
     assert normalize_text("  The\tCat\n SAT ") == "the cat sat"
+
+
+_ALPHABET = "aZ09 .,\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x00\x85\xa0\u2003ßİΣſ\ufb03é"
+
+
+@given(st.text(alphabet=_ALPHABET, max_size=40) | st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_fast_normalisation_equals_the_reference(text: str) -> None:
+    """The ASCII fast path behind the same-text keys gives normalize_text's bytes, whitespace kinds included."""
+    assert _normalized_utf8(text) == normalize_text(text).encode("utf-8")
+    assert (_text_key(text) == _text_key("  " + text.upper() + "\t")) == (
+        normalize_text(text) == normalize_text("  " + text.upper() + "\t")
+    )
