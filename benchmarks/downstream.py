@@ -68,8 +68,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 from train_with_remining import batches_without_duplicates
 
+from miner.training import mnrl_loss, mnrl_step
+
 if TYPE_CHECKING:
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from miner import Dataset
@@ -330,21 +331,6 @@ def near_claim_positive_sets(train: Dataset, test: Dataset, encoder: Any) -> lis
 # --- training and evaluation -----------------------------------------------------------------------
 
 
-def _features(model: SentenceTransformer, texts: list[str]) -> dict[str, Any]:
-    preprocess = getattr(model, "preprocess", None) or model.tokenize  # tokenize before sentence-transformers 5
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in preprocess(texts).items()}
-
-
-def _mnrl(model: SentenceTransformer) -> torch.nn.Module:
-    try:  # sentence-transformers >= 5
-        from sentence_transformers.sentence_transformer.losses import (
-            MultipleNegativesRankingLoss,
-        )
-    except ImportError:
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    return MultipleNegativesRankingLoss(model)
-
-
 def training_rows(n_queries: int, n_trained: int, seed: int) -> list[int]:
     """The training queries of a seed: all of them, or a sample drawn with the seed (the same in every arm)."""
     if n_trained >= n_queries:
@@ -407,7 +393,7 @@ def train_arm(
     model = copy.deepcopy(base)
     model.max_seq_length = seq_length
     torch.manual_seed(seed)
-    loss_fn = _mnrl(model)
+    loss_fn = mnrl_loss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses, fallbacks = [], 0
@@ -417,12 +403,7 @@ def train_arm(
             negatives, missing = choose_negatives(batch, candidates, train, seed, step)
             fallbacks += missing
             columns.append([train.corpus.texts[d] for d in negatives])
-        value = loss_fn([_features(model, texts) for texts in columns], None)
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(value.item())
+        losses.append(mnrl_step(model, loss_fn, optimizer, columns))
     model.eval()
     return model, {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
                    "loss_mean": float(np.mean(losses)), "fallback_negatives": fallbacks,

@@ -38,9 +38,9 @@ from miner import EncodeConfig, EvalsetConfig, EvaluateConfig, MineConfig, Selec
 from miner.data import Dataset, load_beir
 from miner.encode import default_cache_dir, load_model
 from miner.errors import MinerError, ModelError
+from miner.training import mnrl_loss, mnrl_step
 
 if TYPE_CHECKING:
-    import torch
     from sentence_transformers import SentenceTransformer
 
 __all__ = ["cut_beir", "train_on_triplets", "run_story", "build_parser", "main"]
@@ -90,19 +90,6 @@ def cut_beir(
     return out
 
 
-def _features(model: SentenceTransformer, texts: list[str]) -> dict[str, Any]:
-    preprocess = getattr(model, "preprocess", None) or model.tokenize  # tokenize before sentence-transformers 5
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in preprocess(texts).items()}
-
-
-def _mnrl(model: SentenceTransformer) -> torch.nn.Module:
-    try:  # sentence-transformers >= 5.x
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    except ImportError:
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    return MultipleNegativesRankingLoss(model)
-
-
 def train_on_triplets(
     model: SentenceTransformer, triplets: list[tuple[str, str, str]], *, steps: int, batch_size: int, lr: float, seed: int
 ) -> list[float]:
@@ -111,7 +98,7 @@ def train_on_triplets(
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    loss_fn = _mnrl(model)
+    loss_fn = mnrl_loss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses: list[float] = []
@@ -130,13 +117,7 @@ def train_on_triplets(
             else:
                 rest.append(t)
         pool = rest
-        features = [_features(model, [t[i] for t in batch]) for i in range(3)]
-        loss = loss_fn(features, None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.item()))
+        losses.append(mnrl_step(model, loss_fn, optimizer, [[t[i] for t in batch] for i in range(3)]))
     model.eval()
     return losses
 

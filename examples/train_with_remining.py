@@ -38,6 +38,7 @@ import miner
 from miner import Corpus, MineConfig, Miner, load_beir
 from miner.encode import default_cache_dir, load_model, model_fingerprint
 from miner.errors import MinerError, ModelError
+from miner.training import mnrl_loss, mnrl_step
 
 if TYPE_CHECKING:
     import torch
@@ -144,12 +145,6 @@ def batches_without_duplicates(triplets: Sequence[Triplet], batch_size: int, rng
     return batches
 
 
-def _features(model: SentenceTransformer, texts: list[str]) -> dict[str, Any]:
-    # sentence-transformers >= 5 calls it preprocess (tokenize is deprecated); 3.x and 4.x only have tokenize.
-    preprocess = getattr(model, "preprocess", None) or model.tokenize
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in preprocess(texts).items()}
-
-
 def _train_epoch(
     model: SentenceTransformer,
     loss_fn: torch.nn.Module,
@@ -157,28 +152,9 @@ def _train_epoch(
     batches: list[list[Triplet]],
 ) -> tuple[int, float | None]:
     """One pass over ``batches``; returns (steps, mean loss or None without a step)."""
-    import torch
-
     model.train()  # Miner.mine / refresh encode in eval mode
-    losses = []
-    for batch in batches:
-        anchors, positives, negatives = (list(column) for column in zip(*batch))
-        features = [_features(model, texts) for texts in (anchors, positives, negatives)]
-        value = loss_fn(features, None)  # MNRL builds its own labels: row i's positive is column i
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(value.item())
+    losses = [mnrl_step(model, loss_fn, optimizer, [list(column) for column in zip(*batch)]) for batch in batches]
     return len(losses), float(np.mean(losses)) if losses else None
-
-
-def _mnrl(model: SentenceTransformer) -> torch.nn.Module:
-    try:  # sentence-transformers >= 5.x; the old path still works there but warns
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    except ImportError:
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    return MultipleNegativesRankingLoss(model)
 
 
 def train_with_remining(
@@ -219,7 +195,7 @@ def train_with_remining(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     texts = dict(zip(data.corpus.ids, data.corpus.texts))
-    loss_fn = _mnrl(model)
+    loss_fn = mnrl_loss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
     started = time.perf_counter()

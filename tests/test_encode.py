@@ -59,3 +59,30 @@ def test_model_resolution_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model(str(tmp_path / "nowhere"))
     assert resolve_model("some-org/some-model") == "some-org/some-model"
+
+
+def test_mnrl_step_trains_and_matches_the_loss(model) -> None:
+    """One step: the loss it returns is MultipleNegativesRankingLoss on those columns, and the weights move."""
+    import copy
+
+    import torch
+
+    from miner.encode import model_fingerprint
+    from miner.training import features, mnrl_loss, mnrl_step
+
+    trained = copy.deepcopy(model)
+    columns = [["what do cats eat", "why is the sky blue"], ["Cats eat mice.", "Rayleigh scattering."],
+               ["Dogs bark.", "The sea is wet."]]
+    loss_fn = mnrl_loss(trained)
+    trained.train()
+    torch.manual_seed(0)  # the same dropout masks for both computations
+    with torch.no_grad():
+        expected = float(loss_fn([features(trained, c) for c in columns], None))
+    before = model_fingerprint(trained)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    got = mnrl_step(trained, loss_fn, optimizer, columns)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert model_fingerprint(trained) != before
+    with pytest.raises(ValueError, match="one length"):
+        mnrl_step(trained, loss_fn, optimizer, [["a"], ["b", "c"]])
