@@ -344,8 +344,8 @@ def _search_without_near_duplicates(
     n_q = q_emb.shape[0]
     out_scores, out_ids = np.full((n_q, k), -np.inf, dtype=np.float32), np.full((n_q, k), -1, dtype=np.int64)
     above = np.zeros(n_q, dtype=np.int64)
-    near_rows: list[I64] = []
-    near_scores: list[F32] = []
+    near_rows: list[I64] = [np.zeros(0, dtype=np.int64)]
+    near_scores: list[F32] = [np.zeros(0, dtype=np.float32)]
     todo = np.arange(n_q)
     depth = min(index.n_docs, k + max(8, k // 4))
     while len(todo):

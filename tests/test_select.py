@@ -263,3 +263,13 @@ def test_positives_of_a_same_text_query_are_excluded() -> None:
     assert 2 not in pooled.ids.ravel().tolist() and 0 not in pooled.ids.ravel().tolist()
     assert stats.skipped["positive"] == 4
     np.testing.assert_array_equal(pooled.reference, alone.reference)  # the ceiling stays the query's own
+
+
+def test_an_empty_batch_gives_empty_arrays() -> None:
+    corpus = Corpus(IDS, TEXTS)
+    neg, stats = mine_batch(
+        np.zeros((0, 3), dtype=np.float32), [], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
+        np.zeros(0, dtype=np.int64), docs=DOCS, index=ExactIndex(DOCS), doc_index=corpus.index,
+        doc_keys=corpus.normalized_keys, duplicates=DuplicateFinder(corpus.normalized_keys), config=SelectConfig(),
+    )
+    assert neg.ids.shape == (0, 5) and stats.queries == 0 and stats.negatives == 0
