@@ -62,6 +62,8 @@ def _add_mining_flags(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="do not exclude the document with the query's id or text")
     e = _add_encoding_flags(p, title="encoding and search", index_default="auto")
     e.add_argument("--query-batch-size", type=int, default=1024, help="queries per batch and per output part")
+    e.add_argument("--nprobe", type=int, default=32,
+                   help="IVF lists visited per query (default %(default)s; higher: closer to exact, slower)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="miner-demo/triplets.parquet" if demo else None, required=not demo,
                    help="output file, .parquet or .jsonl; the manifest and parts live beside it")
@@ -213,7 +215,7 @@ def _config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name!r}")
     return MineConfig(
         encode=_encode_config(args),
-        search=SearchConfig(index=args.index, query_batch_size=args.query_batch_size),
+        search=SearchConfig(index=args.index, query_batch_size=args.query_batch_size, nprobe=args.nprobe),
         select=SelectConfig(
             num_negatives=args.num_negatives,
             range_min=args.range[0],

@@ -101,3 +101,12 @@ def test_interrupt_exit_code_and_resume_message(small_beir: Path, tmp_path: Path
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert not out.exists() and parts_dir(out).is_dir()
     _expect_error(capsys, ["stats", str(out)], "did not finish", out)
+
+
+def test_index_and_nprobe_reach_the_search(small_beir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ivf.parquet"
+    assert _mine(small_beir, out, tmp_path / "c", "--index", "ivf", "--nprobe", "3") == 0
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["config"]["search"]["nprobe"] == 3
+    assert manifest["search"]["index"].startswith("IVF")
+    assert manifest["counts"]["negatives"] > 0
