@@ -28,10 +28,10 @@ def mnrl_loss(model: SentenceTransformer) -> torch.nn.Module:
 
 
 def features(model: SentenceTransformer, texts: Sequence[str]) -> dict[str, Any]:
-    """The model's input features for ``texts``, on the model's device."""
-    # sentence-transformers >= 5 calls it preprocess (tokenize is deprecated); 3.x and 4.x only have tokenize.
-    preprocess = getattr(model, "preprocess", None) or model.tokenize
-    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in preprocess(list(texts)).items()}
+    """The model's input features for ``texts`` (as the encoder makes them), on the model's device."""
+    from miner.encode import _preprocess
+
+    return {k: v.to(model.device) if hasattr(v, "to") else v for k, v in _preprocess(model, list(texts), "").items()}
 
 
 def mnrl_step(
