@@ -150,13 +150,14 @@ def mine(
     batch = config.search.query_batch_size
     n_parts = (n_q + batch - 1) // batch
     fingerprint = _dataset_fingerprint(dataset)
+    settings = config.to_dict()
     run_key = hashlib.sha256(
         json.dumps(
             {
                 # the precision that ran ("auto" resolves per machine), not the one asked for
                 "config": {
-                    **config.to_dict(),
-                    "encode": {**config.to_dict()["encode"], "cache_dir": None, "precision": encoder.precision},
+                    **settings,
+                    "encode": {**settings["encode"], "cache_dir": None, "precision": encoder.precision},
                 },
                 "dataset": fingerprint,
                 "model": encoder.fingerprint,

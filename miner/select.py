@@ -311,8 +311,8 @@ def build_exclusions(
     return indptr, ids_all.astype(np.int64), reasons_all
 
 
-def _csr_rows(indptr: I64, ids: I64, rows: I64) -> tuple[I64, I64]:
-    """The CSR of ``rows`` only."""
+def _csr_take(indptr: I64, ids: I64, rows: I64) -> tuple[I64, I64]:
+    """The CSR of the (not necessarily contiguous) ``rows`` only."""
     counts = np.diff(indptr)[rows]
     sub = np.zeros(len(rows) + 1, dtype=np.int64)
     sub[1:] = np.cumsum(counts)
@@ -350,8 +350,8 @@ def _search_without_near_duplicates(
     depth = min(index.n_docs, k + max(8, k // 4))
     while len(todo):
         every = len(todo) == n_q
-        sub_exclude = exclude if every else _csr_rows(*exclude, todo)
-        sub_pos = positives if every else _csr_rows(*positives, todo)
+        sub_exclude = exclude if every else _csr_take(*exclude, todo)
+        sub_pos = positives if every else _csr_take(*positives, todo)
         pool = index.search(
             q_emb if every else np.ascontiguousarray(q_emb[todo]),
             depth,
