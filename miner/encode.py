@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from miner.config import EncodeConfig
 from miner.errors import ModelError
@@ -82,14 +83,15 @@ def load_model(model: str, device: str | None = None) -> SentenceTransformer:
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes) plus the module layout.
+    """xxh3-128 over every parameter and buffer (name, dtype, shape, bytes) plus the module layout.
 
-    Two checkpoints share a fingerprint only if their weights are bit-identical, so a fine-tuned model never
-    reuses the cache of its base model.
+    Two checkpoints share a fingerprint only if their weights are bit-identical (up to a 2^-128 accident), so
+    a fine-tuned model never reuses the cache of its base model. xxh3 hashes the 90 MB of all-MiniLM-L6-v2
+    in ~4 ms where sha256 took ~50 ms, which was a sixth of a warm mining run.
     """
     import torch
 
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
     digest.update(repr([type(m).__name__ for m in model]).encode())
     digest.update(str(model.max_seq_length).encode())
     with torch.no_grad():
@@ -101,10 +103,10 @@ def model_fingerprint(model: SentenceTransformer) -> str:
 
 
 def _text_keys(texts: Sequence[str]) -> npt.NDArray[np.void]:
-    """16-byte blake2b key of each text, as a structured array usable for dict lookups and np.save."""
+    """16-byte xxh3-128 key of each text, as a structured array usable for dict lookups and np.save."""
     keys = np.empty(len(texts), dtype="V16")
     for i, text in enumerate(texts):
-        keys[i] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        keys[i] = xxhash.xxh3_128_digest(text.encode("utf-8"))
     return keys
 
 

@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from miner import __version__, topk
 from miner.config import MineConfig
-from miner.data import Corpus, Dataset, _text_key, load_data
+from miner.data import Corpus, Dataset, load_data, same_text_keys
 from miner.encode import Encoder, EncodeStats, resolve_model
 from miner.errors import DataError
 from miner.search import build_index
 from miner.select import DuplicateFinder, Negatives, SelectionStats, mine_batch, same_text_positives
-from miner.write import BatchRows, PartWriter, build_rows, manifest_path, meta_path
+from miner.write import BatchRows, DocColumns, PartWriter, build_rows, manifest_path, meta_path
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -68,12 +69,13 @@ class MineResult:
 
 
 def _dataset_fingerprint(dataset: Dataset) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+    """xxh3-128 of ids, texts and judgements; each list is hashed as one NUL-joined buffer (one call, not one
+    per text: this was 0.02 s of a 0.3 s warm SciFact run), with its length so that boundaries count."""
+    digest = xxhash.xxh3_128()
     for values in (dataset.corpus.ids, dataset.corpus.texts, dataset.queries.ids, dataset.queries.texts):
         digest.update(str(len(values)).encode())
-        for value in values:
-            digest.update(value.encode("utf-8"))
-            digest.update(b"\0")
+        digest.update("\x00".join(values).encode("utf-8", "surrogatepass"))
+        digest.update(np.array([len(v) for v in values], dtype=np.int64).tobytes())
     for array in (dataset.qrels.indptr, dataset.qrels.doc_idx, dataset.qrels.grades):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -145,7 +147,7 @@ def mine(
 
     queries, n_q = dataset.queries, len(dataset.queries)
     pos_ptr, pos_ids, judged_ptr, judged_ids = _split_qrels(dataset)
-    query_keys = np.array([_text_key(t) for t in queries.texts], dtype=np.int64)
+    query_keys = same_text_keys(queries.texts)
     shared_ptr, shared_ids = same_text_positives(query_keys, pos_ptr, pos_ids)  # across batches
     batch = config.search.query_batch_size
     n_parts = (n_q + batch - 1) // batch
@@ -168,6 +170,7 @@ def mine(
     ).hexdigest()
 
     writer = PartWriter(Path(out), run_key, config.output, config.select.num_negatives) if out is not None else None
+    doc_columns = DocColumns(dataset.corpus.ids, dataset.corpus.texts)
     stats = SelectionStats()
     all_neg: list[Negatives] = []
     rows_total = 0
@@ -196,8 +199,7 @@ def mine(
                 cols = build_rows(
                     BatchRows(queries.ids[lo:hi], queries.texts[lo:hi], b_ptr, b_pos, negatives.positive_scores,
                               negatives.ids, negatives.scores, negatives.ranks),
-                    dataset.corpus.ids,
-                    dataset.corpus.texts,
+                    doc_columns,
                     config.output,
                 )
                 n_rows = len(next(iter(cols.values()))) if cols else 0
@@ -429,7 +431,7 @@ class Miner:
         ids = list(query_ids) if query_ids is not None else list(queries)
         pos_ptr, pos_rows = self._rows_csr(positives)
         j_ptr, j_rows = self._rows_csr(judged_negatives) if judged_negatives is not None else (None, None)
-        keys = np.array([_text_key(t) for t in queries], dtype=np.int64)
+        keys = same_text_keys(queries)
         negatives, stats = self._mine_rows(ids, queries, keys, pos_ptr, pos_rows, j_ptr, j_rows, self.timings,
                                            excluded_positives=same_text_positives(keys, pos_ptr, pos_rows))
         doc_ids = [[self.corpus.ids[d] for d in row if d >= 0] for row in negatives.ids.tolist()]
