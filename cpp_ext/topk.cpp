@@ -1,4 +1,5 @@
 // miner._topk: keep the k best *valid* candidates of every query while streaming score blocks.
+// Two helpers ride along: candidate_similarity (near-duplicate check) and fold_whitespace (same-text keys).
 //
 // update_topk streams one block scores float32[q, b] (column j is document offset + j) into the
 // running state (vals float32[q, k], ids int64[q, k]), skipping scores outside [floor, ceiling] and
@@ -701,6 +702,104 @@ FloatArray candidate_similarity(const FloatArray& docs, const IdArray& cand, con
   return out;
 }
 
+// ---- same-text normalisation ------------------------------------------------------------------
+//
+// fold_whitespace: texts given as UTF-8 bytes back to back (offsets int64[n + 1]), already case-folded
+// except for ASCII A-Z. Each becomes its words, ASCII lower-cased, joined by one space: the bytes of
+// Python's " ".join(text.lower().split()). Whitespace is exactly what str.split() splits on (checked
+// against Python for every code point in the tests): ASCII 9-13, 28-32 and U+0085, U+00A0, U+1680,
+// U+2000-200A, U+2028, U+2029, U+202F, U+205F, U+3000. Continuation bytes (0x80-0xBF) never match a
+// whitespace lead byte, and ASCII bytes never occur inside a multi-byte character, so a byte loop is
+// safe on any valid UTF-8 (surrogates passed through as 3-byte sequences included).
+
+inline int whitespace_bytes(const unsigned char* p, const unsigned char* end) {
+  const unsigned char c = p[0];
+  if (c < 0x80) return (c == ' ' || (c >= 9 && c <= 13) || (c >= 0x1c && c <= 0x1f)) ? 1 : 0;
+  const std::ptrdiff_t left = end - p;
+  if (c == 0xC2 && left >= 2) return (p[1] == 0x85 || p[1] == 0xA0) ? 2 : 0;
+  if (left < 3) return 0;
+  if (c == 0xE1) return (p[1] == 0x9A && p[2] == 0x80) ? 3 : 0;
+  if (c == 0xE2) {
+    if (p[1] == 0x80) return ((p[2] >= 0x80 && p[2] <= 0x8A) || p[2] == 0xA8 || p[2] == 0xA9 || p[2] == 0xAF) ? 3 : 0;
+    return (p[1] == 0x81 && p[2] == 0x9F) ? 3 : 0;
+  }
+  if (c == 0xE3) return (p[1] == 0x80 && p[2] == 0x80) ? 3 : 0;
+  return 0;
+}
+
+py::tuple fold_whitespace(const py::bytes& data, const IdArray& offsets) {
+  char* raw = nullptr;
+  Py_ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(data.ptr(), &raw, &size) != 0) throw py::error_already_set();
+  if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be int64[n + 1]");
+  const int64_t n = offsets.shape(0) - 1;
+  const int64_t* off = offsets.data();
+  for (int64_t i = 0; i < n; ++i) {
+    if (off[i] < 0 || off[i] > off[i + 1] || off[i + 1] > size) {
+      throw py::value_error("offsets must be non-decreasing and within the data");
+    }
+  }
+  const auto* in = reinterpret_cast<const unsigned char*>(raw);
+  std::string out(static_cast<size_t>(size), '\0');  // never longer than the input
+  IdArray out_off(n + 1);
+  int64_t* w_off = out_off.mutable_data();
+  {
+    py::gil_scoped_release release;
+    size_t w = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      w_off[i] = static_cast<int64_t>(w);
+      const unsigned char* p = in + off[i];
+      const unsigned char* end = in + off[i + 1];
+      bool pending = false, any = false;
+      while (p < end) {
+#ifdef MINER_TOPK_SSE2
+        // Prose, 16 bytes at a time: printable ASCII with single spaces between words copies through with
+        // A-Z lowered. A chunk that starts with a space, holds two in a row or any other byte (controls,
+        // non-ASCII) goes to the byte loop; a trailing space is left for the next round, which decides
+        // whether it is the last of a run. Output never outgrows the input read so far, so the 16-byte
+        // store stays inside `out`.
+        while (end - p >= 16) {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+          const __m128i odd = _mm_or_si128(_mm_cmplt_epi8(v, _mm_set1_epi8(0x20)),  // controls, >= 0x80
+                                           _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7F)));
+          const unsigned spaces = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(' '))));
+          if (_mm_movemask_epi8(odd) != 0 || (spaces & 1u) || (spaces & (spaces >> 1))) break;
+          const int take = (spaces & 0x8000u) ? 15 : 16;
+          const __m128i upper = _mm_and_si128(_mm_cmpgt_epi8(v, _mm_set1_epi8('A' - 1)),
+                                              _mm_cmplt_epi8(v, _mm_set1_epi8('Z' + 1)));
+          if (pending) {
+            out[w++] = ' ';
+            pending = false;
+          }
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(&out[w]),
+                           _mm_add_epi8(v, _mm_and_si128(upper, _mm_set1_epi8(32))));
+          w += static_cast<size_t>(take);
+          p += take;
+          any = true;
+        }
+        if (p >= end) break;
+#endif
+        const int ws = whitespace_bytes(p, end);
+        if (ws) {
+          pending = any;
+          p += ws;
+          continue;
+        }
+        if (pending) {
+          out[w++] = ' ';
+          pending = false;
+        }
+        const unsigned char c = *p++;
+        out[w++] = static_cast<char>((c >= 'A' && c <= 'Z') ? c + 32 : c);
+        any = true;
+      }
+    }
+    w_off[n] = static_cast<int64_t>(w);
+    out.resize(w);
+  }
+  return py::make_tuple(py::bytes(out), out_off);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_topk, m) {
@@ -720,6 +819,8 @@ PYBIND11_MODULE(_topk, m) {
         py::arg("candidates").noconvert(), py::arg("pos_indptr").noconvert(),
         py::arg("pos_ids").noconvert(), py::arg("n_threads") = 1,
         "max over each row's positives of docs[candidate] . docs[positive] -> float32[q, k].");
+  m.def("fold_whitespace", &fold_whitespace, py::arg("data"), py::arg("offsets").noconvert(),
+        "Texts (UTF-8, back to back) -> (their words lower-cased in ASCII, joined by one space; offsets).");
   m.def(
       "simd",
       []() {

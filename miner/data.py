@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
+from miner import topk
 from miner.errors import DataError
 
 __all__ = [
@@ -82,7 +84,7 @@ class Corpus:
     @cached_property
     def normalized_keys(self) -> npt.NDArray[np.int64]:
         """int64[N]: one 64-bit hash of each document's normalised text, for exact-duplicate checks."""
-        return np.array([_text_key(t) for t in self.texts], dtype=np.int64)
+        return same_text_keys(self.texts)
 
 
 @dataclass(frozen=True)
@@ -164,27 +166,25 @@ class Dataset:
             )
 
 
-# ASCII whitespace as str.split() sees it (\x1c-\x1f included), mapped to a space.
-_ASCII_SPACES = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
+def same_text_keys(texts: Sequence[str]) -> npt.NDArray[np.int64]:
+    """int64[n]: a 64-bit hash (xxh3) of each text's ``normalize_text`` form, for same-text checks.
 
+    Python case-folds the non-ASCII texts (ASCII needs only A-Z lowered); the kernel collapses whitespace
+    and lowers ASCII for all of them in one call (``topk.fold_whitespace``), 3x faster than doing it text by
+    text on SciFact.
 
-def _normalized_utf8(text: str) -> bytes:
-    """``normalize_text(text).encode()``, without splitting ASCII texts into words (2x faster on SciFact).
-
-    For ASCII, casefold is lower and str.split()'s whitespace is ``_ASCII_SPACES`` plus the space, so mapping
-    those to spaces, collapsing runs and stripping gives the same bytes.
+    Example:
+        >>> k = same_text_keys(["The  cat", "the cat ", "a dog"])
+        >>> bool(k[0] == k[1]), bool(k[0] == k[2])
+        (True, False)
     """
-    if not text.isascii():
-        return normalize_text(text).encode("utf-8")
-    out = text.encode("ascii").lower().translate(_ASCII_SPACES)
-    while b"  " in out:
-        out = out.replace(b"  ", b" ")
-    return out.strip(b" ")
-
-
-def _text_key(text: str) -> int:
-    digest = hashlib.blake2b(_normalized_utf8(text), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    folded = [
+        t.encode("utf-8", "surrogatepass") if t.isascii() else t.casefold().encode("utf-8", "surrogatepass")
+        for t in texts
+    ]
+    keys = np.fromiter((xxhash.xxh3_64_intdigest(b) for b in topk.fold_whitespace(folded)), dtype=np.uint64,
+                       count=len(folded))
+    return keys.view(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------

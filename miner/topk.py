@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["backend_info", "candidate_similarity", "merge_topk", "new_state", "update_topk"]
+__all__ = ["backend_info", "candidate_similarity", "fold_whitespace", "merge_topk", "new_state", "update_topk"]
 
 BACKEND_ENV = "MINER_BACKEND"
 THREADS_ENV = "MINER_NUM_THREADS"
@@ -59,6 +59,7 @@ class _Backend:
     update: Callable[..., None]
     merge: Callable[..., tuple[np.ndarray, np.ndarray]]
     similarity: Callable[..., np.ndarray]
+    fold: Callable[[list[bytes]], list[bytes]]
 
 
 @functools.cache
@@ -98,7 +99,7 @@ def _backend(name: str | None = None) -> _Backend:
     if name not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(_BACKENDS)}; got {name!r}")
     if name == "numpy":
-        return _Backend("numpy", f"{BACKEND_ENV}=numpy", 1, _update_numpy, _merge_numpy, _similarity_numpy)
+        return _Backend("numpy", f"{BACKEND_ENV}=numpy", 1, _update_numpy, _merge_numpy, _similarity_numpy, _fold_numpy)
     module, missing = _compiled_module()
     if module is None:
         if name == "compiled":
@@ -107,11 +108,12 @@ def _backend(name: str | None = None) -> _Backend:
                 "`pip install --no-build-isolation -e .` (needs CMake and a C++17 compiler), "
                 f"or set {BACKEND_ENV}=numpy to use the numpy fallback."
             )
-        return _Backend("numpy", missing, 1, _update_numpy, _merge_numpy, _similarity_numpy)
+        return _Backend("numpy", missing, 1, _update_numpy, _merge_numpy, _similarity_numpy, _fold_numpy)
     reason = f"{BACKEND_ENV}=compiled" if name == "compiled" else "miner._topk is importable"
     reason += f" (scan: {_scan_isa(module)})"
     return _Backend(
-        "compiled", reason, _threads(), module.update_topk, module.merge_topk, module.candidate_similarity
+        "compiled", reason, _threads(), module.update_topk, module.merge_topk, module.candidate_similarity,
+        functools.partial(_fold_compiled, module),
     )
 
 
@@ -274,6 +276,35 @@ def candidate_similarity(
         raise ValueError(f"pos_indptr must have shape ({candidates.shape[0] + 1},), got {pos_indptr.shape}")
     backend = _backend()
     return backend.similarity(docs, candidates, pos_indptr, pos_ids, backend.threads)
+
+
+def fold_whitespace(texts: Sequence[bytes]) -> list[bytes]:
+    """Each UTF-8 text with its ASCII letters lower-cased and its words joined by one space.
+
+    The same-text normalisation's byte work (``miner.data.same_text_keys``): for ``t.casefold()`` (or an
+    ASCII ``t``) encoded, the result is ``normalize_text(t)`` encoded. Whitespace is what ``str.split()``
+    splits on, Unicode spaces included; both backends return the same bytes.
+
+    Example:
+        >>> fold_whitespace([b"  The\\tCAT\\n", "a\\u00a0b".encode()])
+        [b'the cat', b'a b']
+    """
+    texts = list(texts)
+    if not all(isinstance(t, bytes) for t in texts):
+        raise TypeError("fold_whitespace takes a sequence of bytes (UTF-8 texts)")
+    return _backend().fold(texts)
+
+
+def _fold_numpy(texts: list[bytes]) -> list[bytes]:
+    return [" ".join(t.lower().decode("utf-8", "surrogatepass").split()).encode("utf-8", "surrogatepass") for t in texts]
+
+
+def _fold_compiled(module: ModuleType, texts: list[bytes]) -> list[bytes]:
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in texts], out=offsets[1:])
+    data, out = module.fold_whitespace(b"".join(texts), offsets)
+    bounds = out.tolist()
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _similarity_numpy(

@@ -52,13 +52,13 @@ def _mine(config: SelectConfig, query_texts: list[str] | None = None):
     index = ExactIndex(DOCS, SearchConfig(doc_block_size=4))  # several blocks on purpose
     dups = DuplicateFinder(corpus.normalized_keys)
     q = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
-    from miner.data import _text_key
+    from miner.data import same_text_keys
 
     texts = query_texts or ["what is the query"]
     return mine_batch(
         q,
         ["q1"],
-        np.array([_text_key(t) for t in texts], dtype=np.int64),
+        same_text_keys(texts),
         np.array([0, 1], dtype=np.int64),
         np.array([0], dtype=np.int64),
         docs=DOCS,
@@ -194,6 +194,38 @@ def test_build_exclusions_priority() -> None:
     got = dict(zip(ids.tolist(), reason.tolist()))
     assert got == {0: 0, 8: 1, 6: 2}  # near-duplicates are found among the candidates, not listed here
     assert ptr.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_build_exclusions_matches_a_per_query_reference(seed: int) -> None:
+    """The vectorised CSR equals a plain loop: per query, the positives (0), documents with the query's text or
+    id (1) and documents with a positive's text (2), each document once under its highest-priority reason."""
+    rng = np.random.default_rng(seed)
+    n_docs, n_q = 60, 25
+    doc_keys = rng.integers(0, 20, n_docs)  # many shared texts
+    query_keys = rng.integers(10, 40, n_q)  # some queries share a text with documents
+    doc_ids = [f"d{i}" for i in range(n_docs)]
+    query_ids = [f"d{rng.integers(0, n_docs)}" if rng.random() < 0.3 else f"q{i}" for i in range(n_q)]
+    counts = rng.integers(0, 4, n_q)
+    pos_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    pos_ids = rng.integers(0, n_docs, pos_indptr[-1]).astype(np.int64)
+    doc_index = {d: i for i, d in enumerate(doc_ids)}
+    ptr, ids, reason = build_exclusions(query_ids, query_keys, pos_indptr, pos_ids, doc_index=doc_index,
+                                        doc_keys=doc_keys, duplicates=DuplicateFinder(doc_keys))
+    for r in range(n_q):
+        want: dict[int, int] = {}
+        for d in sorted(pos_ids[pos_indptr[r] : pos_indptr[r + 1]].tolist()):
+            want.setdefault(d, 0)
+        for d in range(n_docs):
+            if doc_keys[d] == query_keys[r] or doc_ids[d] == query_ids[r]:
+                want.setdefault(d, 1)
+        for p in pos_ids[pos_indptr[r] : pos_indptr[r + 1]].tolist():
+            for d in range(n_docs):
+                if doc_keys[d] == doc_keys[p]:
+                    want.setdefault(d, 2)
+        got_ids = ids[ptr[r] : ptr[r + 1]].tolist()
+        assert got_ids == sorted(want)
+        assert dict(zip(got_ids, reason[ptr[r] : ptr[r + 1]].tolist())) == want
 
 
 @pytest.mark.parametrize("bad", [{"range_min": 5, "range_max": 5}, {"num_negatives": 0}, {"sampling": "best"},

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from miner import topk
+from miner.data import normalize_text
 
 
 def _compiled_skip_reason() -> str | None:
@@ -523,3 +524,32 @@ def test_candidate_similarity_rejects_ids_outside_the_corpus(backend: str) -> No
         on(backend, topk.candidate_similarity, docs, np.array([[0, 1]]), np.array([0, 1]), np.array([5]))
     with pytest.raises(ValueError, match="pos_indptr"):
         on(backend, topk.candidate_similarity, docs, np.array([[0, 1]]), np.array([0]), np.array([0]))
+
+
+_SPACES = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fold_whitespace_is_normalize_text_for_every_whitespace_code_point(backend: str) -> None:
+    """Every code point str.split() treats as whitespace, alone, doubled and between words, and a few that it
+    does not (zero-width space, NUL, lone surrogate), give normalize_text's bytes."""
+    not_spaces = "\u200b\x00\ud800\u180eé\u00ad"
+    texts = [f"{c}A{c}{c}b{c}" for c in _SPACES + not_spaces] + [_SPACES, "", "x", "ÀB  ß\u1680c", "\ufb03 K"]
+    # spaces at every position of the kernel's 16-byte chunks: last of a chunk, runs across its edge, trailing
+    texts += ["W" * i + " " * j + "d" * k for i in range(34) for j in (1, 2, 3) for k in (0, 1, 17)]
+    folded = [t.casefold().encode("utf-8", "surrogatepass") for t in texts]
+    got = on(backend, topk.fold_whitespace, folded)
+    assert got == [normalize_text(t).encode("utf-8", "surrogatepass") for t in texts]
+
+
+_PIECES = ["word", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", " ", "  ", "\t", "\n ", "é", "\u2003", "x" * 20, "\u00a0", "~\x7f!", "Ü"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FUZZ
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join), max_size=5))
+def test_fold_whitespace_on_long_prose_matches_normalize_text(backend: str, texts: list[str]) -> None:
+    """Long runs of words and single spaces take the kernel's 16-byte path; its edges (a space last in a
+    chunk, runs of spaces, a non-ASCII byte mid-chunk) must give normalize_text's bytes too."""
+    folded = [t.casefold().encode("utf-8") for t in texts]
+    assert on(backend, topk.fold_whitespace, folded) == [normalize_text(t).encode("utf-8") for t in texts]
