@@ -224,6 +224,16 @@ class DuplicateFinder:
         hi = np.searchsorted(self.sorted_keys, keys, side="right")
         return [self.order[a:b] for a, b in zip(lo, hi)]
 
+    def same_text_csr(self, keys: npt.ArrayLike) -> tuple[I64, I64]:
+        """:meth:`same_text` as CSR ``(indptr int64[len(keys) + 1], doc rows)``, without a Python loop."""
+        keys = np.asarray(keys, dtype=np.int64)
+        lo = np.searchsorted(self.sorted_keys, keys, side="left")
+        counts = np.searchsorted(self.sorted_keys, keys, side="right") - lo
+        indptr = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        take = np.repeat(lo - indptr[:-1], counts) + np.arange(indptr[-1])
+        return indptr, self.order[take].astype(np.int64)
+
 
 def same_text_positives(query_keys: I64, pos_indptr: I64, pos_ids: I64) -> tuple[I64, I64]:
     """CSR of the positives of every query that shares each query's normalised text (its own included).
@@ -283,32 +293,32 @@ def build_exclusions(
         doc_index: corpus id -> row (for the query's own document by id).
         doc_keys: int64[N] normalised-text keys of the corpus.
     """
-    own_by_text = duplicates.same_text(query_keys) if exclude_own_document else None
-    unique_pos = np.unique(pos_ids)
-    same = dict(zip(unique_pos.tolist(), duplicates.same_text(doc_keys[unique_pos])))
-    rows_ids: list[I64] = []
-    rows_reason: list[npt.NDArray[np.int8]] = []
-    for r, qid in enumerate(query_ids):
-        positives = pos_ids[pos_indptr[r] : pos_indptr[r + 1]]
-        parts: list[tuple[int, I64]] = [(0, positives)]
-        if exclude_own_document and own_by_text is not None:
-            own = own_by_text[r]
-            if qid in doc_index:
-                own = np.append(own, doc_index[qid])
-            parts.append((1, own))
-        pos_list = positives.tolist()
-        if pos_list:
-            parts.append((2, np.concatenate([same[p] for p in pos_list])))
-        ids = np.concatenate([ids for _, ids in parts]).astype(np.int64)
-        reason = np.concatenate([np.full(len(ids_), code, dtype=np.int8) for code, ids_ in parts])
-        ids, first = np.unique(ids, return_index=True)  # first occurrence = highest-priority reason
-        rows_ids.append(ids)
-        rows_reason.append(reason[first])
-    indptr = np.zeros(len(query_ids) + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([len(x) for x in rows_ids])
-    ids_all = np.concatenate(rows_ids) if rows_ids else np.zeros(0, dtype=np.int64)
-    reasons_all = np.concatenate(rows_reason) if rows_reason else np.zeros(0, dtype=np.int8)
-    return indptr, ids_all.astype(np.int64), reasons_all
+    n = len(query_ids)
+    query_rows = np.arange(n, dtype=np.int64)
+    pos_rows = np.repeat(query_rows, np.diff(pos_indptr))
+    rows, ids, reasons = [pos_rows], [pos_ids.astype(np.int64)], [np.zeros(len(pos_ids), dtype=np.int8)]
+
+    def add(code: int, r: I64, i: I64) -> None:
+        rows.append(r)
+        ids.append(i)
+        reasons.append(np.full(len(i), code, dtype=np.int8))
+
+    if exclude_own_document:
+        ptr, same = duplicates.same_text_csr(query_keys)
+        add(1, np.repeat(query_rows, np.diff(ptr)), same)
+        own = [(r, doc_index[qid]) for r, qid in enumerate(query_ids) if qid in doc_index]
+        if own:
+            add(1, np.array([r for r, _ in own], dtype=np.int64), np.array([d for _, d in own], dtype=np.int64))
+    ptr, same = duplicates.same_text_csr(doc_keys[pos_ids])
+    add(2, np.repeat(pos_rows, np.diff(ptr)), same)
+    row, doc, reason = np.concatenate(rows), np.concatenate(ids), np.concatenate(reasons)
+    order = np.lexsort((reason, doc, row))  # per (query, document), the highest-priority reason first
+    row, doc, reason = row[order], doc[order], reason[order]
+    first = np.ones(len(row), dtype=bool)
+    first[1:] = (row[1:] != row[:-1]) | (doc[1:] != doc[:-1])
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row[first], minlength=n), out=indptr[1:])
+    return indptr, doc[first], reason[first]
 
 
 def _csr_take(indptr: I64, ids: I64, rows: I64) -> tuple[I64, I64]:

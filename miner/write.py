@@ -28,9 +28,9 @@ import numpy.typing as npt
 from miner.config import OutputConfig
 from miner.errors import ConfigError
 
-__all__ = ["BatchRows", "build_rows", "PartWriter", "manifest_path", "parts_dir", "meta_path", "read_rows"]
+__all__ = ["BatchRows", "DocColumns", "build_rows", "PartWriter", "manifest_path", "parts_dir", "meta_path", "read_rows"]
 
-Columns = dict[str, list[Any]]
+Columns = dict[str, Any]  # column name -> list of values, or a pyarrow Array
 
 
 def manifest_path(out: Path) -> Path:
@@ -101,12 +101,75 @@ def _schema(fmt: str, n: int) -> list[tuple[str, str | None, str]]:
     ]
 
 
-def build_rows(batch: BatchRows, doc_ids: Sequence[str], doc_texts: Sequence[str], config: OutputConfig) -> Columns:
+class DocColumns:
+    """The corpus ids and texts as given, and as Arrow string arrays built once, on first use, for every batch.
+
+    Example:
+        >>> docs = DocColumns(["d0", "d1"], ["first", "second"])
+        >>> docs.arrow()[1].take([1, 1]).to_pylist()
+        ['second', 'second']
+    """
+
+    def __init__(self, ids: Sequence[str], texts: Sequence[str]) -> None:
+        self.ids = ids
+        self.texts = texts
+        self._arrow: tuple[Any, Any] | None = None
+
+    def arrow(self) -> tuple[Any, Any]:
+        if self._arrow is None:
+            import pyarrow as pa
+
+            self._arrow = (pa.array(self.ids, type=pa.string()), pa.array(self.texts, type=pa.string()))
+        return self._arrow
+
+
+def build_rows(batch: BatchRows, docs: DocColumns, config: OutputConfig) -> Columns:
     """Columns (miner names) of one batch in ``config.format``; texts are included when ``config.texts``.
 
     ``n-tuple`` rows need exactly ``num_negatives`` negatives: queries with fewer are left out (counted by
-    the caller from the negatives' padding).
+    the caller from the negatives' padding). Triplets, the default, are built with array gathers; the other
+    formats row by row.
     """
+    cols = _triplet_columns(batch, docs) if config.format == "triplet" else _rows_by_query(batch, docs, config)
+    if not config.texts:
+        for name, _, kind in _schema(config.format, batch.neg_ids.shape[1]):
+            if kind in ("str", "list_str") and not name.endswith(("_id", "_ids")):
+                del cols[name]
+    return cols
+
+
+def _triplet_columns(batch: BatchRows, docs: DocColumns) -> Columns:
+    """Triplet columns as Arrow arrays: per query, every positive with every valid negative, in order."""
+    import pyarrow as pa
+
+    valid = batch.neg_ids >= 0
+    n_neg = valid.sum(axis=1)
+    per_query = np.diff(batch.pos_indptr) * n_neg
+    q = np.repeat(np.arange(len(n_neg)), per_query)
+    k = np.arange(int(per_query.sum())) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+    pos = batch.pos_indptr[q] + k // n_neg[q]
+    neg_col = np.argsort(~valid, axis=1, kind="stable")[q, k % n_neg[q]]  # the (k % n)-th valid negative
+    neg = batch.neg_ids[q, neg_col]
+    doc_ids, doc_texts = docs.arrow()
+    pos_rows = pa.array(batch.pos_ids[pos])
+    neg_rows = pa.array(neg)
+    query_rows = pa.array(q)
+    return {
+        "query_id": pa.array(list(batch.query_ids), type=pa.string()).take(query_rows),
+        "query": pa.array(list(batch.query_texts), type=pa.string()).take(query_rows),
+        "positive_id": doc_ids.take(pos_rows),
+        "positive": doc_texts.take(pos_rows),
+        "positive_score": pa.array(batch.pos_scores[pos].astype(np.float32)),
+        "negative_id": doc_ids.take(neg_rows),
+        "negative": doc_texts.take(neg_rows),
+        "negative_score": pa.array(batch.neg_scores[q, neg_col].astype(np.float32)),
+        "negative_rank": pa.array(batch.neg_ranks[q, neg_col].astype(np.int32)),
+    }
+
+
+def _rows_by_query(batch: BatchRows, docs: DocColumns, config: OutputConfig) -> Columns:
+    """Columns as Python lists, query by query (every format; triplets are the vectorised path's oracle)."""
+    doc_ids, doc_texts = docs.ids, docs.texts
     n = batch.neg_ids.shape[1]
     cols: Columns = {name: [] for name, _, _ in _schema(config.format, n)}
     for r, (qid, qtext) in enumerate(zip(batch.query_ids, batch.query_texts)):
@@ -136,14 +199,10 @@ def build_rows(batch: BatchRows, doc_ids: Sequence[str], doc_texts: Sequence[str
             for d, s, k in negatives:
                 _append(cols, qid, qtext, document_id=doc_ids[d], document=doc_texts[d], label=0, score=s, rank=k)
         else:
-            docs = [(p, 1, ps, None) for p, ps in positives] + [(d, 0, s, k) for d, s, k in negatives]
-            _append(cols, qid, qtext, document_ids=[doc_ids[d] for d, *_ in docs],
-                    documents=[doc_texts[d] for d, *_ in docs], labels=[x[1] for x in docs],
-                    scores=[x[2] for x in docs], ranks=[x[3] for x in docs])
-    if not config.texts:
-        for name, _, kind in _schema(config.format, n):
-            if kind in ("str", "list_str") and not name.endswith(("_id", "_ids")):
-                del cols[name]
+            listed = [(p, 1, ps, None) for p, ps in positives] + [(d, 0, s, k) for d, s, k in negatives]
+            _append(cols, qid, qtext, document_ids=[doc_ids[d] for d, *_ in listed],
+                    documents=[doc_texts[d] for d, *_ in listed], labels=[x[1] for x in listed],
+                    scores=[x[2] for x in listed], ranks=[x[3] for x in listed])
     return cols
 
 
@@ -188,12 +247,16 @@ def _write_table(path: Path, cols: Columns, types: dict[str, str], file_format: 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        arrays = {name: pa.array(values, type=_arrow_type(types[name])) for name, values in cols.items()}
+        arrays = {
+            name: values if isinstance(values, pa.Array) else pa.array(values, type=_arrow_type(types[name]))
+            for name, values in cols.items()
+        }
         pq.write_table(pa.table(arrays), tmp)
     else:
         names = list(cols)
+        lists = [cols[name] if isinstance(cols[name], list) else cols[name].to_pylist() for name in names]
         with open(tmp, "w", encoding="utf-8") as handle:
-            for values in zip(*(cols[name] for name in names)):
+            for values in zip(*lists):
                 handle.write(json.dumps(dict(zip(names, values)), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
