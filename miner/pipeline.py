@@ -145,32 +145,37 @@ def mine(
         encoder = Encoder(config.encode, model, show_progress=progress)
     miner = Miner._from_parts(dataset.corpus, encoder, config, timings=timings, progress=progress)
 
-    queries, n_q = dataset.queries, len(dataset.queries)
-    pos_ptr, pos_ids, judged_ptr, judged_ids = _split_qrels(dataset)
-    query_keys = same_text_keys(queries.texts)
-    shared_ptr, shared_ids = same_text_positives(query_keys, pos_ptr, pos_ids)  # across batches
-    batch = config.search.query_batch_size
-    n_parts = (n_q + batch - 1) // batch
-    fingerprint = _dataset_fingerprint(dataset)
-    settings = config.to_dict()
-    run_key = hashlib.sha256(
-        json.dumps(
-            {
-                # the precision that ran ("auto" resolves per machine), not the one asked for
-                "config": {
-                    **settings,
-                    "encode": {**settings["encode"], "cache_dir": None, "precision": encoder.precision},
+    # same-text keys, qrels split, the run's key and the parts folder: every step before the batches
+    with timings.phase("prepare"):
+        queries, n_q = dataset.queries, len(dataset.queries)
+        pos_ptr, pos_ids, judged_ptr, judged_ids = _split_qrels(dataset)
+        query_keys = same_text_keys(queries.texts)
+        shared_ptr, shared_ids = same_text_positives(query_keys, pos_ptr, pos_ids)  # across batches
+        batch = config.search.query_batch_size
+        n_parts = (n_q + batch - 1) // batch
+        if isinstance(data, Dataset):  # the caller's object: its content is the key
+            fingerprint = _dataset_fingerprint(dataset)
+        else:  # loaded here: the files' sha256 (computed while loading) and the loader's options are the key
+            fingerprint = json.dumps({"sources": dataset.sources, "split": split, "strict": strict}, sort_keys=True)
+        settings = config.to_dict()
+        run_key = hashlib.sha256(
+            json.dumps(
+                {
+                    # the precision that ran ("auto" resolves per machine), not the one asked for
+                    "config": {
+                        **settings,
+                        "encode": {**settings["encode"], "cache_dir": None, "precision": encoder.precision},
+                    },
+                    "dataset": fingerprint,
+                    "model": encoder.fingerprint,
+                    "version": __version__,
                 },
-                "dataset": fingerprint,
-                "model": encoder.fingerprint,
-                "version": __version__,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
 
-    writer = PartWriter(Path(out), run_key, config.output, config.select.num_negatives) if out is not None else None
-    doc_columns = DocColumns(dataset.corpus.ids, dataset.corpus.texts)
+        writer = PartWriter(Path(out), run_key, config.output, config.select.num_negatives) if out is not None else None
+        doc_columns = DocColumns(dataset.corpus.ids, dataset.corpus.texts)
     stats = SelectionStats()
     all_neg: list[Negatives] = []
     rows_total = 0
@@ -344,11 +349,12 @@ class Miner:
         self._query_stats = EncodeStats()
         with self.timings.phase("build_index"):
             self.index = build_index(self.doc_emb, self.config.search)
-        self.duplicates = DuplicateFinder(self.corpus.normalized_keys)
+        with self.timings.phase("prepare"):
+            self.duplicates = DuplicateFinder(self.corpus.normalized_keys)
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights the corpus embeddings and index were built with."""
+        """xxh3-128 of the weights the corpus embeddings and index were built with."""
         return self.encoder.fingerprint
 
     def refresh(self, model: SentenceTransformer | str | None = None, *, cache: bool = True) -> EncodeStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,37 @@ def test_changed_settings_do_not_resume_stale_parts(small_beir: Path, model, tmp
     result = mine(small_beir, out, _config(tmp_path).replace(select={"num_negatives": 2}), model=model)
     assert result.manifest["resumed_parts"] == 0
     assert result.stats.negatives <= 2 * len(result.dataset.queries)
+
+
+@pytest.mark.parametrize("edit", ["corpus.jsonl", "split"])
+def test_changed_inputs_do_not_resume_stale_parts(small_beir: Path, model, tmp_path: Path, monkeypatch, edit: str) -> None:
+    """The run key of a folder run is its files' sha256 and the loader options: an edited document or another
+    split starts afresh, the same files resume."""
+    data = tmp_path / "beir"
+    shutil.copytree(small_beir, data)
+    out = tmp_path / "x.parquet"
+    real_write = PartWriter.write_part
+
+    def crash(self, index, cols, stats):
+        if index == 1:
+            raise KeyboardInterrupt
+        real_write(self, index, cols, stats)
+
+    monkeypatch.setattr(PartWriter, "write_part", crash)
+    with pytest.raises(KeyboardInterrupt):
+        mine(data, out, _config(tmp_path), model=model)
+    monkeypatch.setattr(PartWriter, "write_part", real_write)
+    split = "train"
+    if edit == "corpus.jsonl":
+        lines = (data / "corpus.jsonl").read_text().splitlines()
+        record = json.loads(lines[0])
+        record["text"] += " (edited)"
+        (data / "corpus.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    else:
+        shutil.copy(data / "qrels" / "train.tsv", data / "qrels" / "other.tsv")
+        split = "other"
+    result = mine(data, out, _config(tmp_path), model=model, split=split)
+    assert result.manifest["resumed_parts"] == 0
 
 
 def test_sentence_transformers_columns_and_no_texts(small_beir: Path, model, tmp_path: Path) -> None:
