@@ -704,9 +704,9 @@ FloatArray candidate_similarity(const FloatArray& docs, const IdArray& cand, con
 
 // ---- same-text normalisation ------------------------------------------------------------------
 //
-// fold_whitespace: texts given as UTF-8 bytes back to back (offsets int64[n + 1]), already case-folded
-// except for ASCII A-Z. Each becomes its words, ASCII lower-cased, joined by one space: the bytes of
-// Python's " ".join(text.lower().split()). Whitespace is exactly what str.split() splits on (checked
+// fold_whitespace: a list of str, already case-folded except for ASCII A-Z. Each becomes the UTF-8 of its
+// words, ASCII lower-cased, joined by one space: the bytes of Python's " ".join(text.split()) with A-Z
+// lowered. Whitespace is exactly what str.split() splits on (checked
 // against Python for every code point in the tests): ASCII 9-13, 28-32 and U+0085, U+00A0, U+1680,
 // U+2000-200A, U+2028, U+2029, U+202F, U+205F, U+3000. Continuation bytes (0x80-0xBF) never match a
 // whitespace lead byte, and ASCII bytes never occur inside a multi-byte character, so a byte loop is
@@ -727,19 +727,38 @@ inline int whitespace_bytes(const unsigned char* p, const unsigned char* end) {
   return 0;
 }
 
-py::tuple fold_whitespace(const py::bytes& data, const IdArray& offsets) {
-  char* raw = nullptr;
+py::tuple fold_whitespace(const py::list& texts) {
+  // The UTF-8 bytes of every text, without copies where Python already holds them: an ASCII str is its
+  // own UTF-8, another str caches its UTF-8 on first request; lone surrogates (which strict UTF-8
+  // refuses) are encoded with surrogatepass into a bytes object kept alive here.
+  const auto n = static_cast<int64_t>(texts.size());
+  std::vector<std::pair<const unsigned char*, Py_ssize_t>> spans(static_cast<size_t>(n));
+  std::vector<py::object> keep;
   Py_ssize_t size = 0;
-  if (PyBytes_AsStringAndSize(data.ptr(), &raw, &size) != 0) throw py::error_already_set();
-  if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be int64[n + 1]");
-  const int64_t n = offsets.shape(0) - 1;
-  const int64_t* off = offsets.data();
   for (int64_t i = 0; i < n; ++i) {
-    if (off[i] < 0 || off[i] > off[i + 1] || off[i + 1] > size) {
-      throw py::value_error("offsets must be non-decreasing and within the data");
+    PyObject* item = PyList_GET_ITEM(texts.ptr(), i);
+    const char* raw = nullptr;
+    Py_ssize_t len = 0;
+    if (PyUnicode_Check(item) && PyUnicode_IS_ASCII(item)) {
+      raw = static_cast<const char*>(PyUnicode_DATA(item));
+      len = PyUnicode_GET_LENGTH(item);
+    } else if (PyUnicode_Check(item)) {
+      raw = PyUnicode_AsUTF8AndSize(item, &len);
+      if (raw == nullptr) {
+        PyErr_Clear();
+        PyObject* encoded = PyUnicode_AsEncodedString(item, "utf-8", "surrogatepass");
+        if (encoded == nullptr) throw py::error_already_set();
+        keep.push_back(py::reinterpret_steal<py::object>(encoded));
+        raw = PyBytes_AS_STRING(encoded);
+        len = PyBytes_GET_SIZE(encoded);
+      }
+    } else {
+      throw py::type_error("fold_whitespace takes a list of str; item " + std::to_string(i) + " is " +
+                           std::string(Py_TYPE(item)->tp_name));
     }
+    spans[static_cast<size_t>(i)] = {reinterpret_cast<const unsigned char*>(raw), len};
+    size += len;
   }
-  const auto* in = reinterpret_cast<const unsigned char*>(raw);
   std::string out(static_cast<size_t>(size), '\0');  // never longer than the input
   IdArray out_off(n + 1);
   int64_t* w_off = out_off.mutable_data();
@@ -748,8 +767,8 @@ py::tuple fold_whitespace(const py::bytes& data, const IdArray& offsets) {
     size_t w = 0;
     for (int64_t i = 0; i < n; ++i) {
       w_off[i] = static_cast<int64_t>(w);
-      const unsigned char* p = in + off[i];
-      const unsigned char* end = in + off[i + 1];
+      const unsigned char* p = spans[static_cast<size_t>(i)].first;
+      const unsigned char* end = p + spans[static_cast<size_t>(i)].second;
       bool pending = false, any = false;
       while (p < end) {
 #ifdef MINER_TOPK_SSE2
@@ -819,8 +838,9 @@ PYBIND11_MODULE(_topk, m) {
         py::arg("candidates").noconvert(), py::arg("pos_indptr").noconvert(),
         py::arg("pos_ids").noconvert(), py::arg("n_threads") = 1,
         "max over each row's positives of docs[candidate] . docs[positive] -> float32[q, k].");
-  m.def("fold_whitespace", &fold_whitespace, py::arg("data"), py::arg("offsets").noconvert(),
-        "Texts (UTF-8, back to back) -> (their words lower-cased in ASCII, joined by one space; offsets).");
+  m.def("fold_whitespace", &fold_whitespace, py::arg("texts"),
+        "list of str -> (UTF-8 of each one's words, ASCII lower-cased, joined by one space, back to back; "
+        "offsets int64[n + 1]).");
   m.def(
       "simd",
       []() {

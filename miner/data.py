@@ -178,10 +178,7 @@ def same_text_keys(texts: Sequence[str]) -> npt.NDArray[np.int64]:
         >>> bool(k[0] == k[1]), bool(k[0] == k[2])
         (True, False)
     """
-    folded = [
-        t.encode("utf-8", "surrogatepass") if t.isascii() else t.casefold().encode("utf-8", "surrogatepass")
-        for t in texts
-    ]
+    folded = [t if t.isascii() else t.casefold() for t in texts]  # the kernel lowers ASCII itself
     keys = np.fromiter((xxhash.xxh3_64_intdigest(b) for b in topk.fold_whitespace(folded)), dtype=np.uint64,
                        count=len(folded))
     return keys.view(np.int64)

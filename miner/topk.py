@@ -59,7 +59,7 @@ class _Backend:
     update: Callable[..., None]
     merge: Callable[..., tuple[np.ndarray, np.ndarray]]
     similarity: Callable[..., np.ndarray]
-    fold: Callable[[list[bytes]], list[bytes]]
+    fold: Callable[[list[str]], list[bytes]]
 
 
 @functools.cache
@@ -278,32 +278,35 @@ def candidate_similarity(
     return backend.similarity(docs, candidates, pos_indptr, pos_ids, backend.threads)
 
 
-def fold_whitespace(texts: Sequence[bytes]) -> list[bytes]:
-    """Each UTF-8 text with its ASCII letters lower-cased and its words joined by one space.
+def fold_whitespace(texts: Sequence[str]) -> list[bytes]:
+    """The UTF-8 of each text with its ASCII letters lower-cased and its words joined by one space.
 
-    The same-text normalisation's byte work (``miner.data.same_text_keys``): for ``t.casefold()`` (or an
-    ASCII ``t``) encoded, the result is ``normalize_text(t)`` encoded. Whitespace is what ``str.split()``
-    splits on, Unicode spaces included; both backends return the same bytes.
+    The same-text normalisation's character work (``miner.data.same_text_keys``): for an ASCII text, or
+    any text already case-folded, the result is ``normalize_text(text)`` encoded. Whitespace is what
+    ``str.split()`` splits on, Unicode spaces included; lone surrogates pass through (``surrogatepass``).
+    Both backends return the same bytes.
 
     Example:
-        >>> fold_whitespace([b"  The\\tCAT\\n", "a\\u00a0b".encode()])
+        >>> fold_whitespace(["  The\\tCAT\\n", "a\\u00a0b"])
         [b'the cat', b'a b']
     """
     texts = list(texts)
-    if not all(isinstance(t, bytes) for t in texts):
-        raise TypeError("fold_whitespace takes a sequence of bytes (UTF-8 texts)")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("fold_whitespace takes a sequence of str")
     return _backend().fold(texts)
 
 
-def _fold_numpy(texts: list[bytes]) -> list[bytes]:
-    return [" ".join(t.lower().decode("utf-8", "surrogatepass").split()).encode("utf-8", "surrogatepass") for t in texts]
+def _fold_numpy(texts: list[str]) -> list[bytes]:
+    out = []
+    for text in texts:
+        lowered = text.encode("utf-8", "surrogatepass").lower().decode("utf-8", "surrogatepass")  # A-Z only
+        out.append(" ".join(lowered.split()).encode("utf-8", "surrogatepass"))
+    return out
 
 
-def _fold_compiled(module: ModuleType, texts: list[bytes]) -> list[bytes]:
-    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum([len(t) for t in texts], out=offsets[1:])
-    data, out = module.fold_whitespace(b"".join(texts), offsets)
-    bounds = out.tolist()
+def _fold_compiled(module: ModuleType, texts: list[str]) -> list[bytes]:
+    data, offsets = module.fold_whitespace(texts)
+    bounds = offsets.tolist()
     return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 

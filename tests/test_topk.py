@@ -537,8 +537,7 @@ def test_fold_whitespace_is_normalize_text_for_every_whitespace_code_point(backe
     texts = [f"{c}A{c}{c}b{c}" for c in _SPACES + not_spaces] + [_SPACES, "", "x", "ÀB  ß\u1680c", "\ufb03 K"]
     # spaces at every position of the kernel's 16-byte chunks: last of a chunk, runs across its edge, trailing
     texts += ["W" * i + " " * j + "d" * k for i in range(34) for j in (1, 2, 3) for k in (0, 1, 17)]
-    folded = [t.casefold().encode("utf-8", "surrogatepass") for t in texts]
-    got = on(backend, topk.fold_whitespace, folded)
+    got = on(backend, topk.fold_whitespace, [t.casefold() for t in texts])
     assert got == [normalize_text(t).encode("utf-8", "surrogatepass") for t in texts]
 
 
@@ -551,5 +550,6 @@ _PIECES = ["word", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", " ", "  ", "\t", "\n ", "é", "
 def test_fold_whitespace_on_long_prose_matches_normalize_text(backend: str, texts: list[str]) -> None:
     """Long runs of words and single spaces take the kernel's 16-byte path; its edges (a space last in a
     chunk, runs of spaces, a non-ASCII byte mid-chunk) must give normalize_text's bytes too."""
-    folded = [t.casefold().encode("utf-8") for t in texts]
-    assert on(backend, topk.fold_whitespace, folded) == [normalize_text(t).encode("utf-8") for t in texts]
+    assert on(backend, topk.fold_whitespace, [t.casefold() for t in texts]) == [
+        normalize_text(t).encode("utf-8") for t in texts
+    ]
