@@ -51,6 +51,9 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import git_commit  # noqa: E402
+
 RESULTS = HERE / "results" / "compare_peer"
 SETTINGS = {"range_min": 0, "range_max": 100, "relative_margin": 0.05, "num_negatives": 5, "sampling": "top"}
 
@@ -459,7 +462,8 @@ def machine() -> dict[str, Any]:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
             "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
-            "faiss": faiss.__version__, "miner": miner.__version__, "kernel": miner.backend_info()}
+            "faiss": faiss.__version__, "miner": miner.__version__, "kernel": miner.backend_info(),
+            "commit": git_commit()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -595,7 +599,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Command: `{r['command']}`",
         "",
-        f"- date: {r['date']}",
+        f"- date: {r['date']}, commit {m.get('commit', 'not recorded')}",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; python {m['python']}, torch {m['torch']}, "
         f"sentence-transformers {m['sentence_transformers']}, faiss {m['faiss']}, miner {m['miner']} ({m['kernel'].get('backend')})",
         f"- load average at start {tuple(round(x, 2) for x in r['load_average_start'])}, "

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_name", "cores", "ram_gib", "describe"]
+__all__ = ["cpu_name", "cores", "ram_gib", "describe", "git_commit"]
 
 
 def cpu_name() -> str:
@@ -39,3 +40,16 @@ def describe(cpu_extra: str = "") -> str:
     mem = f", {ram:.0f} GiB RAM" if ram is not None else ""
     cpu = f"{cpu_name()} ({cpu_extra})" if cpu_extra else cpu_name()
     return f"{cpu}, {cores()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def git_commit() -> str:
+    """The checkout's short commit, ``+changes`` when tracked files differ from it; ``unknown`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
