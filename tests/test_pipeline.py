@@ -125,8 +125,8 @@ def test_interrupted_run_resumes_to_the_same_rows(small_beir: Path, model, tmp_p
     assert result.manifest["scores"] == full_manifest["scores"]
 
 
-def test_changed_settings_do_not_resume_stale_parts(small_beir: Path, model, tmp_path: Path, monkeypatch) -> None:
-    out = tmp_path / "x.parquet"
+def _interrupt_after_first_part(data: Path, out: Path, config: MineConfig, model, monkeypatch) -> None:
+    """Run ``mine`` until it writes part 1, where a KeyboardInterrupt stops it (part 0 stays on disk)."""
     real_write = PartWriter.write_part
 
     def crash(self, index, cols, stats):
@@ -134,10 +134,16 @@ def test_changed_settings_do_not_resume_stale_parts(small_beir: Path, model, tmp
             raise KeyboardInterrupt
         real_write(self, index, cols, stats)
 
-    monkeypatch.setattr(PartWriter, "write_part", crash)
-    with pytest.raises(KeyboardInterrupt):
-        mine(small_beir, out, _config(tmp_path), model=model)
-    monkeypatch.setattr(PartWriter, "write_part", real_write)
+    with monkeypatch.context() as patched:
+        patched.setattr(PartWriter, "write_part", crash)
+        with pytest.raises(KeyboardInterrupt):
+            mine(data, out, config, model=model)
+    assert len(list(parts_dir(out).glob("part-*.parquet"))) == 1
+
+
+def test_changed_settings_do_not_resume_stale_parts(small_beir: Path, model, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "x.parquet"
+    _interrupt_after_first_part(small_beir, out, _config(tmp_path), model, monkeypatch)
     result = mine(small_beir, out, _config(tmp_path).replace(select={"num_negatives": 2}), model=model)
     assert result.manifest["resumed_parts"] == 0
     assert result.stats.negatives <= 2 * len(result.dataset.queries)
@@ -146,21 +152,11 @@ def test_changed_settings_do_not_resume_stale_parts(small_beir: Path, model, tmp
 @pytest.mark.parametrize("edit", ["corpus.jsonl", "split"])
 def test_changed_inputs_do_not_resume_stale_parts(small_beir: Path, model, tmp_path: Path, monkeypatch, edit: str) -> None:
     """The run key of a folder run is its files' sha256 and the loader options: an edited document or another
-    split starts afresh, the same files resume."""
+    split starts afresh (that the same files resume is test_interrupted_run_resumes_to_the_same_rows)."""
     data = tmp_path / "beir"
     shutil.copytree(small_beir, data)
     out = tmp_path / "x.parquet"
-    real_write = PartWriter.write_part
-
-    def crash(self, index, cols, stats):
-        if index == 1:
-            raise KeyboardInterrupt
-        real_write(self, index, cols, stats)
-
-    monkeypatch.setattr(PartWriter, "write_part", crash)
-    with pytest.raises(KeyboardInterrupt):
-        mine(data, out, _config(tmp_path), model=model)
-    monkeypatch.setattr(PartWriter, "write_part", real_write)
+    _interrupt_after_first_part(data, out, _config(tmp_path), model, monkeypatch)
     split = "train"
     if edit == "corpus.jsonl":
         lines = (data / "corpus.jsonl").read_text().splitlines()
