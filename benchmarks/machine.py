@@ -43,12 +43,14 @@ def describe(cpu_extra: str = "") -> str:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, ``+changes`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checkout's short commit, ``+changes`` when tracked files other than results differ from it (a run
+    that rewrites ``benchmarks/results/`` measured the committed code); ``unknown`` outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
