@@ -217,15 +217,9 @@ class DuplicateFinder:
         self.order = np.argsort(text_keys, kind="stable")
         self.sorted_keys = text_keys[self.order]
 
-    def same_text(self, keys: npt.ArrayLike) -> list[I64]:
-        """For each key, the documents whose normalised text has that key."""
-        keys = np.asarray(keys, dtype=np.int64)
-        lo = np.searchsorted(self.sorted_keys, keys, side="left")
-        hi = np.searchsorted(self.sorted_keys, keys, side="right")
-        return [self.order[a:b] for a, b in zip(lo, hi)]
-
     def same_text_csr(self, keys: npt.ArrayLike) -> tuple[I64, I64]:
-        """:meth:`same_text` as CSR ``(indptr int64[len(keys) + 1], doc rows)``, without a Python loop."""
+        """For each key, the documents whose normalised text has that key, as CSR ``(indptr int64[len(keys) + 1],
+        doc rows)``."""
         keys = np.asarray(keys, dtype=np.int64)
         lo = np.searchsorted(self.sorted_keys, keys, side="left")
         counts = np.searchsorted(self.sorted_keys, keys, side="right") - lo
