@@ -138,21 +138,20 @@ class EmbeddingCache:
         """Return (found bool[n], embeddings float32[n, d] with found rows filled, or None if none found)."""
         index = self._load_index()
         where = [index.get(k) for k in keys.tolist()]
-        found = np.array([w is not None for w in where], dtype=bool)
-        if not found.any():
+        found = np.fromiter((w is not None for w in where), dtype=bool, count=len(where))
+        hits = np.flatnonzero(found)
+        if not len(hits):
             return found, None
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for i, w in enumerate(where):
-            if w is not None:
-                by_shard.setdefault(w[0], []).append((i, w[1]))
+        shard = np.fromiter((where[i][0] for i in hits.tolist()), dtype=np.int64, count=len(hits))
+        row = np.fromiter((where[i][1] for i in hits.tolist()), dtype=np.int64, count=len(hits))
         out: npt.NDArray[np.float32] | None = None
-        for shard, pairs in by_shard.items():
-            emb = np.load(self._shards[shard], mmap_mode="r")
-            if out is None:
-                out = np.zeros((len(keys), emb.shape[1]), dtype=np.float32)
-            dst = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
-            src = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
-            order = np.argsort(src)  # read the memory map in order
+        for s in np.unique(shard).tolist():
+            emb = np.load(self._shards[s], mmap_mode="r")
+            if out is None:  # rows not found stay zero; when all are found nothing needs clearing
+                shape = (len(keys), emb.shape[1])
+                out = np.empty(shape, dtype=np.float32) if len(hits) == len(keys) else np.zeros(shape, dtype=np.float32)
+            dst, src = hits[shard == s], row[shard == s]
+            order = np.argsort(src, kind="stable")  # read the memory map in order
             out[dst[order]] = emb[src[order]]
         return found, out
 
@@ -278,7 +277,6 @@ class Encoder:
         started = time.perf_counter()
         prompt = self.config.query_prompt if kind == "query" else self.config.document_prompt
         distinct = list(dict.fromkeys(texts)) if self.config.dedupe else list(texts)
-        position = {text: i for i, text in enumerate(distinct)}
         keys = _text_keys([prompt + t for t in distinct])
         cache = self._cache(prompt)
         if cache is not None:
@@ -286,14 +284,21 @@ class Encoder:
         else:
             found, cached = np.zeros(len(distinct), dtype=bool), None
         todo = np.flatnonzero(~found)
-        emb = np.empty((len(distinct), self.dim), dtype=np.float32)
-        if cached is not None:
-            emb[found] = cached[found]
+        if cached is not None and not len(todo):
+            emb = cached  # every row came from the cache: the lookup's array is the answer
+        else:
+            emb = np.empty((len(distinct), self.dim), dtype=np.float32)
+            if cached is not None:
+                emb[found] = cached[found]
         self.last_stats = EncodeStats(len(texts), len(distinct), int(found.sum()), len(todo),
                                       precision=self.precision, batching=self.batching)
         if len(todo):
             self._encode_missing([distinct[i] for i in todo], todo, keys, emb, prompt, cache, kind)
-        out = emb if len(distinct) == len(texts) and distinct == list(texts) else emb[[position[t] for t in texts]]
+        if len(distinct) == len(texts) and distinct == list(texts):
+            out = emb
+        else:
+            position = {text: i for i, text in enumerate(distinct)}
+            out = emb[[position[t] for t in texts]]
         self.last_stats.seconds = time.perf_counter() - started
         self.stats.add(self.last_stats)
         return np.ascontiguousarray(out, dtype=np.float32)

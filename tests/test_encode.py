@@ -86,3 +86,26 @@ def test_mnrl_step_trains_and_matches_the_loss(model) -> None:
     assert model_fingerprint(trained) != before
     with pytest.raises(ValueError, match="one length"):
         mnrl_step(trained, loss_fn, optimizer, [["a"], ["b", "c"]])
+
+
+@pytest.mark.parametrize("ask_missing", [False, True])
+def test_lookup_gathers_rows_across_shards_in_any_order(tmp_path: Path, ask_missing: bool) -> None:
+    """Keys spread over three shards, asked in a shuffled order (with and without unknown keys), come back
+    with their own vectors: checked against a plain dict of what was added."""
+    rng = np.random.default_rng(0)
+    cache = EmbeddingCache(tmp_path, "ns")
+    added: dict[bytes, np.ndarray] = {}
+    for shard in range(3):
+        keys = np.array([bytes([shard, i]) * 8 for i in range(5)], dtype="V16")
+        vectors = rng.standard_normal((5, 4)).astype(np.float32)
+        cache.add(keys, vectors)
+        added.update(zip(keys.tolist(), vectors))
+    asked = list(added)
+    rng.shuffle(asked)
+    if ask_missing:
+        asked.insert(3, b"z" * 16)
+    found, emb = EmbeddingCache(tmp_path, "ns").lookup(np.array(asked, dtype="V16"))
+    assert found.tolist() == [k in added for k in asked]
+    assert emb is not None
+    for i, key in enumerate(asked):
+        np.testing.assert_array_equal(emb[i], added[key] if key in added else np.zeros(4, dtype=np.float32))
