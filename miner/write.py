@@ -247,8 +247,9 @@ def _write_table(path: Path, cols: Columns, types: dict[str, str], file_format: 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        arrow = (pa.Array, pa.ChunkedArray)  # gathers from a corpus over 2 GB of text come back chunked
         arrays = {
-            name: values if isinstance(values, pa.Array) else pa.array(values, type=_arrow_type(types[name]))
+            name: values if isinstance(values, arrow) else pa.array(values, type=_arrow_type(types[name]))
             for name, values in cols.items()
         }
         pq.write_table(pa.table(arrays), tmp)
