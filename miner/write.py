@@ -130,7 +130,9 @@ def build_rows(batch: BatchRows, docs: DocColumns, config: OutputConfig) -> Colu
     the caller from the negatives' padding). Triplets, the default, are built with array gathers; the other
     formats row by row.
     """
-    cols = _triplet_columns(batch, docs) if config.format == "triplet" else _rows_by_query(batch, docs, config)
+    if config.format == "triplet":
+        return _triplet_columns(batch, docs, texts=config.texts)
+    cols = _rows_by_query(batch, docs, config)
     if not config.texts:
         for name, _, kind in _schema(config.format, batch.neg_ids.shape[1]):
             if kind in ("str", "list_str") and not name.endswith(("_id", "_ids")):
@@ -138,8 +140,9 @@ def build_rows(batch: BatchRows, docs: DocColumns, config: OutputConfig) -> Colu
     return cols
 
 
-def _triplet_columns(batch: BatchRows, docs: DocColumns) -> Columns:
-    """Triplet columns as Arrow arrays: per query, every positive with every valid negative, in order."""
+def _triplet_columns(batch: BatchRows, docs: DocColumns, *, texts: bool = True) -> Columns:
+    """Triplet columns as Arrow arrays: per query, every positive with every valid negative, in order. Without
+    ``texts`` the query, positive and negative texts are not gathered at all."""
     import pyarrow as pa
 
     valid = batch.neg_ids >= 0
@@ -154,17 +157,18 @@ def _triplet_columns(batch: BatchRows, docs: DocColumns) -> Columns:
     pos_rows = pa.array(batch.pos_ids[pos])
     neg_rows = pa.array(neg)
     query_rows = pa.array(q)
-    return {
+    cols: Columns = {
         "query_id": pa.array(list(batch.query_ids), type=pa.string()).take(query_rows),
-        "query": pa.array(list(batch.query_texts), type=pa.string()).take(query_rows),
+        "query": pa.array(list(batch.query_texts), type=pa.string()).take(query_rows) if texts else None,
         "positive_id": doc_ids.take(pos_rows),
-        "positive": doc_texts.take(pos_rows),
+        "positive": doc_texts.take(pos_rows) if texts else None,
         "positive_score": pa.array(batch.pos_scores[pos].astype(np.float32)),
         "negative_id": doc_ids.take(neg_rows),
-        "negative": doc_texts.take(neg_rows),
+        "negative": doc_texts.take(neg_rows) if texts else None,
         "negative_score": pa.array(batch.neg_scores[q, neg_col].astype(np.float32)),
         "negative_rank": pa.array(batch.neg_ranks[q, neg_col].astype(np.int32)),
     }
+    return {name: column for name, column in cols.items() if column is not None}
 
 
 def _rows_by_query(batch: BatchRows, docs: DocColumns, config: OutputConfig) -> Columns:
