@@ -150,7 +150,8 @@ class EmbeddingCache:
             if out is None:  # rows not found stay zero; when all are found nothing needs clearing
                 shape = (len(keys), emb.shape[1])
                 out = np.empty(shape, dtype=np.float32) if len(hits) == len(keys) else np.zeros(shape, dtype=np.float32)
-            dst, src = hits[shard == s], row[shard == s]
+            in_shard = shard == s
+            dst, src = hits[in_shard], row[in_shard]
             order = np.argsort(src, kind="stable")  # read the memory map in order
             out[dst[order]] = emb[src[order]]
         return found, out
